@@ -1,0 +1,44 @@
+# taps_fast: `make bench` (the main job) and `make test` (the whole suite) do all the set-up on a
+# fresh clone: they create .venv when missing and install the exact pins below, then the package.
+# setup.py declares version ranges; these pins are for reproducible runs.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0 tqdm==4.70.1 \
+          numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
+          setuptools==84.2.1 wheel==0.48.0
+STAMP  := $(VENV)/.taps_fast-installed
+# nvcc lives here on the development machines; the (optional) CUDA part of csrc/ needs it.
+export CUDA_HOME ?= $(wildcard /usr/local/cuda)
+
+.PHONY: setup test bench bench-layers info clean
+
+setup: $(STAMP)
+
+$(STAMP): Makefile setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check pip==26.3
+	$(PIP) install --quiet $(PINS)
+	# --no-build-isolation: the build must see the installed torch (isolation would fetch another)
+	$(PIP) install --quiet -e . --no-build-isolation
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+# The main job: converted timm models vs the plain model, training step and inference, on the
+# device present (the CPU here). Pass options with ARGS="--models resnet50 --batch 16".
+bench: $(STAMP)
+	$(PY) -m taps_fast.bench $(ARGS)
+
+# Layer-level pytest-benchmark suite (plain / authors' style / taps, gate open and closed).
+bench-layers: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+info: $(STAMP)
+	$(PY) -m taps_fast.info
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

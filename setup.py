@@ -1,0 +1,81 @@
+"""Build for taps_fast.
+
+Layout: taps_fast/ is the Python package; kernels/ (Triton kernels) ships inside it as
+``taps_fast.kernels`` (never a top-level ``kernels`` package); csrc/ holds the optional compiled
+extension ``taps_fast._C``.
+
+The extension is built only when csrc/ has sources and torch is importable at build time (install
+with ``pip install -e . --no-build-isolation`` so the build sees the installed torch):
+  TAPS_FAST_NO_EXT=1    build no extension at all (the package falls back to Triton/PyTorch)
+  TAPS_FAST_NO_CUDA=1   build the C++ CPU part only, even where nvcc is present
+"""
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version() -> str:
+    ns: dict = {}
+    with open(os.path.join(HERE, "taps_fast", "_version.py")) as f:
+        exec(f.read(), ns)
+    return ns["__version__"]
+
+
+def _extensions():
+    """The csrc/ extension, or nothing (with the reason printed by the build)."""
+    if os.environ.get("TAPS_FAST_NO_EXT") == "1":
+        print("taps_fast: TAPS_FAST_NO_EXT=1, building no extension")
+        return [], {}
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    if not cpp and not cu:
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("taps_fast: torch is not importable at build time, building no extension "
+              "(use pip install --no-build-isolation)")
+        return [], {}
+    with_cuda = (bool(cu) and os.environ.get("TAPS_FAST_NO_CUDA") != "1"
+                 and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None)
+    args = {"cxx": ["-O3", "-std=c++17"]}
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        ext = cpp_extension.CUDAExtension("taps_fast._C", cpp + cu, extra_compile_args=args,
+                                          define_macros=[("TAPS_FAST_WITH_CUDA", "1")])
+    else:
+        ext = cpp_extension.CppExtension("taps_fast._C", cpp, extra_compile_args={"cxx": args["cxx"]})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="taps_fast",
+    version=_version(),
+    description="Task Adaptive Parameter Sharing (TAPS) layers, fused kernels and multi-task batching for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["taps_fast", "taps_fast.ops", "taps_fast.kernels"],
+    package_dir={"taps_fast": "taps_fast", "taps_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "numpy>=1.22",
+    ],
+    extras_require={
+        "timm": ["timm>=1.0", "torchvision>=0.21"],
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "timm>=1.0", "torchvision>=0.21"],
+    },
+    entry_points={"console_scripts": ["taps-fast=taps_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

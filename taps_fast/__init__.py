@@ -1,0 +1,25 @@
+"""taps_fast: Task Adaptive Parameter Sharing (TAPS, CVPR 2022) for PyTorch.
+
+Drop-in gated layers (:class:`TAPSLinear`, :class:`TAPSConv2d`), whole-model conversion
+(:func:`convert`), the training helpers (:func:`sparsity_penalty`, :func:`freeze_gates`,
+:func:`summary`), task checkpoints (:func:`save_task`, :func:`load_task`) and :func:`merge`.
+"""
+import logging as _logging
+
+from ._version import __version__
+from .checkpoint import TaskFileError, base_fingerprint, load_task, save_task
+from .convert import convert, is_norm, merge, taps_layers
+from .dispatch import NoBackendError, backend_names, use_backend
+from .modules import DEFAULT_INIT_SCORE, DEFAULT_THRESHOLD, TAPSConv2d, TAPSLinear
+from .ops import taps_conv2d, taps_conv2d_ref, taps_linear, taps_linear_ref
+from .training import Summary, freeze_gates, sparsity_penalty, summary
+
+_logging.getLogger("taps_fast").addHandler(_logging.NullHandler())
+
+__all__ = [
+    "__version__", "TAPSLinear", "TAPSConv2d", "taps_linear", "taps_conv2d", "taps_linear_ref",
+    "taps_conv2d_ref", "convert", "merge", "taps_layers", "is_norm", "sparsity_penalty",
+    "freeze_gates", "summary", "Summary", "save_task", "load_task", "base_fingerprint",
+    "TaskFileError", "use_backend", "backend_names", "NoBackendError", "DEFAULT_THRESHOLD",
+    "DEFAULT_INIT_SCORE",
+]

@@ -1,0 +1,23 @@
+"""TAPS ops: one file per op (kernels' launchers, custom op, autograd, functional API).
+
+Importing this package registers the ``taps_fast::*`` custom ops and the "reference" backend.
+"""
+from .. import dispatch
+from .conv import conv2d_bwd_reference, conv2d_fwd_reference, taps_conv2d, taps_conv2d_ref
+from .linear import linear_bwd_reference, linear_fwd_reference, taps_linear, taps_linear_ref
+
+dispatch.register_backend(
+    dispatch.Backend(
+        name="reference",
+        kernels={
+            "linear_fwd": linear_fwd_reference,
+            "linear_bwd": linear_bwd_reference,
+            "conv2d_fwd": conv2d_fwd_reference,
+            "conv2d_bwd": conv2d_bwd_reference,
+        },
+        # Pure PyTorch: serves every device, dtype and layout that F.linear / F.conv2d serve.
+        why_not=lambda op, **meta: None,
+    )
+)
+
+__all__ = ["taps_linear", "taps_linear_ref", "taps_conv2d", "taps_conv2d_ref"]

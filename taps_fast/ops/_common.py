@@ -1,0 +1,118 @@
+"""Helpers shared by the op files: input checks, the gate, autocast, layouts.
+
+Every check here runs on tensor metadata only (shapes, dtypes, devices), so it is free at run
+time and torch.compile traces it without a graph break.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# The reference backward reduces ds = <G, ΔW> for a closed gate block by block, so that no more
+# than this many elements of G exist at once (4 MiB in fp32); an open gate needs all of G anyway,
+# since it is dΔW. Blocks of at least this size keep each matmul large enough to run at full rate.
+DS_BLOCK_ELEMS = 1 << 20
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for reductions (ds): float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gate_is_open(score: Tensor, threshold: float, where: str) -> bool:
+    """I(s) = 1[s >= τ] as a Python bool (a host sync on accelerators).
+
+    A NaN score would silently read as closed (NaN >= τ is False); it is refused instead.
+    """
+    s = score.detach()
+    if bool(torch.isnan(s)):
+        raise ValueError(
+            f"{where}: the gate score is NaN, so the gate I(s)=1[s>={threshold}] is undefined; "
+            "the training diverged (check the learning rate and the loss) or the score was "
+            "overwritten"
+        )
+    return bool(s >= threshold)
+
+
+def check_threshold(threshold: float, where: str) -> None:
+    if not isinstance(threshold, (int, float)) or threshold != threshold:
+        raise ValueError(f"{where}: threshold must be a real number, got {threshold!r}")
+
+
+def check_common(
+    op: str,
+    x: Tensor,
+    weight: Tensor,
+    delta: Tensor,
+    score: Tensor,
+    bias: Optional[Tensor],
+    threshold: float,
+) -> None:
+    """Checks shared by every TAPS op; each error names the argument and the problem."""
+    for name, t in (("x", x), ("weight", weight), ("delta", delta), ("score", score)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"{op}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    check_threshold(threshold, op)
+    if delta.shape != weight.shape:
+        raise ValueError(
+            f"{op}: delta has shape {tuple(delta.shape)} but weight has shape "
+            f"{tuple(weight.shape)}; the task delta must have the weight's shape"
+        )
+    if score.dim() != 0:
+        raise ValueError(f"{op}: score must be a 0-dim tensor, got shape {tuple(score.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
+    if not score.is_floating_point():
+        raise TypeError(f"{op}: score must be a floating-point tensor, got dtype {score.dtype}")
+    named = [("x", x), ("weight", weight), ("delta", delta)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in named[1:]:
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"{op}: dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast the input "
+                f"(or the layer, with .to({x.dtype})) or run under torch.autocast"
+            )
+    for name, t in named[1:] + [("score", score)]:
+        if t.device != x.device:
+            raise ValueError(
+                f"{op}: device mismatch: x is on {x.device} but {name} is on {t.device}; "
+                f"move the input or the layer with .to(device)"
+            )
+
+
+def autocast_inputs(x: Tensor, weight: Tensor, delta: Tensor, bias: Optional[Tensor]):
+    """Apply torch.autocast's policy for linear/conv (cast to the autocast dtype), since a
+    custom op is not covered by autocast's own lists. Outside autocast, returns the inputs."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        cast = lambda t: t if t is None or not t.is_floating_point() else t.to(dt)  # noqa: E731
+        return cast(x), cast(weight), cast(delta), cast(bias)
+    return x, weight, delta, bias
+
+
+def match_layout(t: Tensor, ref: Tensor) -> Tensor:
+    """Return t with the strides torch.empty_like(ref) would have, so a real kernel's output
+    agrees with what the fake (meta) kernel promises, e.g. channels_last in, channels_last out."""
+    want = torch.empty_like(ref, device="meta").stride()
+    if t.stride() == want:
+        return t
+    return torch.empty_like(ref).copy_(t)
+
+
+def as_int_list(v, n: int, name: str) -> list:
+    if isinstance(v, int):
+        return [v] * n
+    v = list(v)
+    if len(v) != n or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or {n} ints, got {v!r}")
+    return v
+
+
+def empty0(t: Tensor) -> Tensor:
+    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
+    return t.new_empty((0,))
+

@@ -1,0 +1,265 @@
+r"""Gated conv2d: y = conv2d(x, W + I(s)·ΔW) + b, with I(s) = 1[s ≥ τ].
+
+Math (x: [B, C, H, W]; W, ΔW: [O, C/groups, kh, kw]; G = ∂L/∂W_eff, the ordinary conv weight
+gradient, i.e. the correlation of x with dy):
+
+    forward   y  = conv2d(x, W_eff) + b,   W_eff = W + I(s)·ΔW
+    backward  dx = conv_transpose2d(dy, W_eff)   (the input gradient with W_eff)
+              dΔW = I(s)·G            (zero when closed, and G is then never formed whole)
+              ds  = ⟨G, ΔW⟩           (straight-through: flows with the gate closed too)
+              db  = Σ_{b,h,w} dy
+              dW  = G                 (only if the caller unfroze W)
+
+Layout as in linear.py: ``taps_conv2d_ref`` (autograd formula, authors' style, oracle and
+baseline), the reference backend's kernels, the ``taps_fast::conv2d`` / ``conv2d_backward`` custom
+ops, and the functional ``taps_conv2d``. The ops take symmetric integer padding; 'same' with an
+even kernel, and non-zero padding modes, are padded in ``taps_conv2d`` / ``TAPSConv2d`` first,
+exactly as nn.Conv2d does.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import dispatch
+from ._common import (
+    DS_BLOCK_ELEMS,
+    acc_dtype,
+    as_int_list,
+    autocast_inputs,
+    check_common,
+    empty0,
+    gate_is_open,
+    match_layout,
+)
+
+_OP = "taps_conv2d"
+_aten = torch.ops.aten
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """channels_last in gives channels_last out; anything else gives contiguous out."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _restride(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    if t.stride() == want:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
+def conv_out_size(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# ----------------------------------------------------------------------------- reference formula
+def taps_conv2d_ref(
+    x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor] = None,
+    stride=1, padding=0, dilation=1, groups: int = 1, threshold: float = 0.1,
+) -> Tensor:
+    """Autograd-differentiable reference (authors' style): materialises W_eff every call; the
+    gate's straight-through estimator is g + s - s.detach() (see linear.py)."""
+    g = (score.detach() >= threshold).to(score.dtype)
+    gate = g + score - score.detach()
+    return F.conv2d(x, weight + gate.to(weight.dtype) * delta, bias, stride, padding, dilation, groups)
+
+
+# ----------------------------------------------------------------------------- reference backend
+def conv2d_fwd_reference(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
+    if gate_is_open(score, threshold, _OP):
+        weight = weight + delta
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
+    """ds = ⟨G, ΔW⟩ by blocks of output channels (or of whole groups), so that G is never whole
+    in memory: each block's G comes from aten.convolution_backward on a slice of dy (and of x
+    for grouped convs)."""
+    cout, cin_g = delta.shape[0], delta.shape[1]
+    khw = delta.shape[2] * delta.shape[3]
+    unit_out = 1 if groups == 1 else cout // groups  # output channels per unit
+    n_units = cout // unit_out
+    step = max(1, DS_BLOCK_ELEMS // (unit_out * cin_g * khw))
+    acc = acc_dtype(delta.dtype)
+    ds = torch.zeros((), dtype=acc, device=delta.device)
+    for u0 in range(0, n_units, step):
+        u1 = min(n_units, u0 + step)
+        o0, o1 = u0 * unit_out, u1 * unit_out
+        if groups == 1:
+            xb, gb = x, 1
+        else:
+            xb, gb = x[:, u0 * cin_g:u1 * cin_g], u1 - u0
+        d_blk = delta[o0:o1]
+        g_blk = _aten.convolution_backward(
+            dy[:, o0:o1], xb, d_blk, None, stride, padding, dilation, False, [0, 0], gb,
+            [False, True, False],
+        )[1]
+        ds += (g_blk.to(acc) * d_blk.to(acc)).sum()
+    return ds
+
+
+def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
+                         needs_dx, needs_dweight, needs_ddelta, needs_dscore):
+    is_open = gate_is_open(score, threshold, _OP)
+    w_eff = weight + delta if (is_open and needs_dx) else weight
+    need_g = needs_dweight or (is_open and (needs_ddelta or needs_dscore))
+    dx = dweight = ddelta = dscore = None
+    if needs_dx or need_g:
+        dx, g, _ = _aten.convolution_backward(
+            dy, x, w_eff, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs_dx, need_g, False],
+        )
+        if need_g:
+            if needs_dscore:
+                acc = acc_dtype(delta.dtype)
+                dscore = (g.to(acc) * delta.to(acc)).sum()
+            if needs_ddelta:
+                ddelta = g if is_open else torch.zeros_like(delta)
+            if needs_dweight:
+                dweight = g.clone() if ddelta is g else g
+    if not need_g:
+        if needs_dscore:
+            dscore = _closed_ds(dy, x, delta, stride, padding, dilation, groups)
+        if needs_ddelta:  # closed: dΔW = 0, not computed
+            ddelta = torch.zeros_like(delta)
+    return (
+        match_layout(dx, x) if dx is not None else empty0(x),
+        match_layout(dweight, weight) if dweight is not None else empty0(weight),
+        match_layout(ddelta, delta) if ddelta is not None else empty0(delta),
+        dscore.to(score.dtype) if dscore is not None else empty0(score),
+    )
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("taps_fast::conv2d", mutates_args=())
+def _conv2d_op(
+    x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, threshold: float,
+) -> Tensor:
+    be = dispatch.select("conv2d_fwd", device=x.device, dtype=x.dtype, groups=groups)
+    y = be.kernels["conv2d_fwd"](x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
+    return _restride(y, _out_format(x))
+
+
+@_conv2d_op.register_fake
+def _conv2d_fake(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
+    b, _, h, w = x.shape
+    ho = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    return torch.empty((b, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=_out_format(x))
+
+
+@torch.library.custom_op("taps_fast::conv2d_backward", mutates_args=())
+def _conv2d_backward_op(
+    dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor,
+    stride: List[int], padding: List[int], dilation: List[int], groups: int, threshold: float,
+    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    be = dispatch.select("conv2d_bwd", device=x.device, dtype=x.dtype, groups=groups)
+    return be.kernels["conv2d_bwd"](dy, x, weight, delta, score, stride, padding, dilation, groups,
+                                    threshold, needs_dx, needs_dweight, needs_ddelta, needs_dscore)
+
+
+@_conv2d_backward_op.register_fake
+def _conv2d_backward_fake(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
+                          needs_dx, needs_dweight, needs_ddelta, needs_dscore):
+    return (
+        torch.empty_like(x) if needs_dx else empty0(x),
+        torch.empty_like(weight) if needs_dweight else empty0(weight),
+        torch.empty_like(delta) if needs_ddelta else empty0(delta),
+        score.new_empty(()) if needs_dscore else empty0(score),
+    )
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    x, weight, delta, score, bias, stride, padding, dilation, groups, threshold = inputs
+    ctx.save_for_backward(x, weight, delta, score)
+    ctx.args = (stride, padding, dilation, groups, threshold)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, dy):
+    x, weight, delta, score = ctx.saved_tensors
+    nx, nw, nd, ns, nb = ctx.needs_input_grad[:5]
+    dx = dw = dd = ds = db = None
+    if nx or nw or nd or ns:
+        dx, dw, dd, ds = _conv2d_backward_op(dy, x, weight, delta, score, *ctx.args, nx, nw, nd, ns)
+    if nb and ctx.has_bias:
+        db = dy.sum((0, 2, 3))
+    return (dx if nx else None, dw if nw else None, dd if nd else None, ds if ns else None, db,
+            None, None, None, None, None)
+
+
+_conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+# ----------------------------------------------------------------------------- functional API
+def same_padding(kernel_size, dilation) -> Tuple[List[int], List[int]]:
+    """'same' padding as nn.Conv2d computes it: total d·(k-1) per dim, the odd pixel on the
+    right/bottom. Returns (symmetric part [ph, pw], extra right/bottom [eh, ew])."""
+    sym, extra = [], []
+    for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        left = total // 2
+        sym.append(left)
+        extra.append(total - 2 * left)
+    return sym, extra
+
+
+def check_conv2d(x, weight, delta, score, bias, groups, threshold) -> None:
+    check_common(_OP, x, weight, delta, score, bias, threshold)
+    if weight.dim() != 4:
+        raise ValueError(f"{_OP}: weight must be 4-D [out, in/groups, kh, kw], got shape {tuple(weight.shape)}")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: input must be 4-D [batch, channels, height, width] (or 3-D unbatched), "
+                         f"got shape {tuple(x.shape)}")
+    if not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"{_OP}: groups={groups!r} must be a positive int dividing out_channels={weight.shape[0]}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"{_OP}: input of shape {tuple(x.shape)} has {x.shape[1]} channels, but the layer expects "
+            f"in_channels={weight.shape[1] * groups} (weight {tuple(weight.shape)}, groups={groups})"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
+def taps_conv2d(
+    x: Tensor, weight: Tensor, delta: Optional[Tensor], score: Tensor, bias: Optional[Tensor] = None,
+    stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+    dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, threshold: float = 0.1,
+) -> Tensor:
+    """conv2d(x, W + 1[s ≥ τ]·ΔW) + b with the TAPS gradients (module docstring); arguments as
+    F.conv2d's (padding an int, a pair, 'same' or 'valid'; zero padding). A 3-D input is an
+    unbatched sample. ``delta=None`` is the plain F.conv2d on W."""
+    if delta is None:
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    x, weight, delta, bias = autocast_inputs(x, weight, delta, bias)
+    unbatched = isinstance(x, Tensor) and x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    check_conv2d(x, weight, delta, score, bias, groups, threshold)
+    stride = as_int_list(stride, 2, f"{_OP}: stride")
+    dilation = as_int_list(dilation, 2, f"{_OP}: dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            if stride != [1, 1]:
+                raise ValueError(f"{_OP}: padding='same' is not supported for strided convolutions (stride={stride})")
+            padding, extra = same_padding(weight.shape[2:], dilation)
+            if any(extra):
+                x = F.pad(x, [0, extra[1], 0, extra[0]])
+        else:
+            raise ValueError(f"{_OP}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding = as_int_list(padding, 2, f"{_OP}: padding")
+    y = _conv2d_op(x, weight, delta, score, bias, stride, padding, dilation, groups, float(threshold))
+    return y.squeeze(0) if unbatched else y
