@@ -18,7 +18,7 @@ def load() -> Tuple[Optional[object], Optional[str]]:
     try:
         from . import _C  # type: ignore[attr-defined]
     except ImportError as e:
-        why = f"taps_fast._C is not available ({e}); using the Triton/PyTorch backends"
+        why = f"taps_fast._C is not available ({e}); falling back to the other backends"
         log.info(why)
         return None, why
     return _C, None

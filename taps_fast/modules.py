@@ -59,6 +59,12 @@ class _TAPSMixin:
         new.weight = m.weight  # the same Parameter objects: nothing is copied
         new.bias = m.bias
         new.train(m.training)
+        # Hooks registered on the wrapped layer keep firing on its replacement.
+        for h in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                  "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                  "_backward_pre_hooks"):
+            if hasattr(m, h):
+                getattr(new, h).update(getattr(m, h))
         new._init_taps(threshold, init_score)
         return new
 

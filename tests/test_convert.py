@@ -137,3 +137,49 @@ def test_convert_twice_is_idempotent():
     n = len(list(taps_layers(m)))
     convert(m)
     assert len(list(taps_layers(m))) == n
+
+
+TINY = [m for m in timm.list_models("test_*")]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_any_timm_model(name):
+    """Every small timm test model (CNNs, ViTs, hybrids): exact while the deltas are zero, and
+    trainable end to end (scores and open deltas get gradients; the base none)."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, pretrained=False).eval()
+    model = convert(copy.deepcopy(plain))
+    size = plain.pretrained_cfg.get("input_size", (3, 160, 160))
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
+    with torch.no_grad():
+        for _, m in taps_layers(model):
+            m.delta.normal_(0, 1e-3)
+    model.train()
+    (model(x).square().mean() + taps_fast.sparsity_penalty(model, 0.5)).backward()
+    for lname, m in taps_layers(model):
+        assert m.score.grad is not None and m.delta.grad is not None, lname
+        assert m.weight.grad is None, lname
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_compile_fullgraph_converted_timm(name):
+    torch.manual_seed(0)
+    model = convert(timm.create_model(name, pretrained=False)).eval()
+    with torch.no_grad():
+        for i, (_, m) in enumerate(taps_layers(model)):
+            m.delta.normal_(0, 1e-2)
+            m.score.fill_(0.05 if i % 2 else 0.2)
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    y_eager = model(x)
+    y_eager.sum().backward()
+    assert torch.allclose(y, y_eager, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6), n

@@ -1,0 +1,104 @@
+"""Layer-level benchmarks (pytest-benchmark), CPU float32, forward + backward of one layer.
+
+Run: ``python -m pytest benchmarks --benchmark-only``. Each layer is one benchmark group, so the
+table's relative column reads as the ratio to the fastest provider (normally ``plain``):
+
+- ``plain``: nn.Linear / nn.Conv2d with a full weight gradient: the floor;
+- ``authors``: taps_linear_ref / taps_conv2d_ref, the authors' style (materialise W + g·ΔW every
+  call, then autograd);
+- ``taps``: TAPSLinear / TAPSConv2d with the gate open;
+- ``taps-closed``: the same with the gate closed (score 0.05 < threshold 0.1).
+
+The input requires a gradient in every provider, as for a layer inside a network.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import taps_fast
+
+CLOSED_SCORE = 0.05
+# Short runs: the whole file stays well under a minute on 2 cores.
+bench = pytest.mark.benchmark(min_rounds=5, max_time=0.5, warmup=True, warmup_iterations=2)
+
+LINEAR = dict(M=256, N=768, K=768)
+CONV = dict(B=8, C=64, O=64, k=3, H=28, W=28)
+PROVIDERS = ("plain", "authors", "taps", "taps-closed")
+
+
+def _fill(layer) -> None:
+    with torch.no_grad():
+        layer.delta.normal_(0, 1e-3)
+
+
+def _step(fwd, x, dy, params):
+    """One forward + backward with a fixed upstream gradient; gradients are dropped afterwards."""
+
+    def run():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        fwd(x).backward(dy)
+
+    return run
+
+
+def _linear_case(provider: str):
+    torch.manual_seed(0)
+    m, n, k = LINEAR["M"], LINEAR["N"], LINEAR["K"]
+    x = torch.randn(m, k, requires_grad=True)
+    dy = torch.randn(m, n)
+    if provider == "plain":
+        layer = nn.Linear(k, n)
+        return _step(layer, x, dy, list(layer.parameters()))
+    layer = taps_fast.TAPSLinear(k, n)
+    _fill(layer)
+    if provider == "taps-closed":
+        with torch.no_grad():
+            layer.score.fill_(CLOSED_SCORE)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if provider == "authors":
+        fwd = lambda x: taps_fast.taps_linear_ref(x, layer.weight, layer.delta, layer.score, layer.bias,  # noqa: E731
+                                                  layer.threshold)
+        return _step(fwd, x, dy, params)
+    return _step(layer, x, dy, params)
+
+
+def _conv_case(provider: str):
+    torch.manual_seed(0)
+    c = CONV
+    x = torch.randn(c["B"], c["C"], c["H"], c["W"], requires_grad=True)
+    dy = torch.randn(c["B"], c["O"], c["H"], c["W"])  # padding 1 keeps 28x28
+    if provider == "plain":
+        layer = nn.Conv2d(c["C"], c["O"], c["k"], padding=1)
+        return _step(layer, x, dy, list(layer.parameters()))
+    layer = taps_fast.TAPSConv2d(c["C"], c["O"], c["k"], padding=1)
+    _fill(layer)
+    if provider == "taps-closed":
+        with torch.no_grad():
+            layer.score.fill_(CLOSED_SCORE)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if provider == "authors":
+        fwd = lambda x: taps_fast.taps_conv2d_ref(x, layer.weight, layer.delta, layer.score, layer.bias,  # noqa: E731
+                                                  layer.stride, layer.padding, layer.dilation, layer.groups,
+                                                  layer.threshold)
+        return _step(fwd, x, dy, params)
+    return _step(layer, x, dy, params)
+
+
+@bench
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_linear_fwd_bwd(benchmark, provider):
+    benchmark.group = "linear M=256 N=K=768 fwd+bwd cpu fp32"
+    benchmark.extra_info.update(provider=provider, **LINEAR)
+    benchmark(_linear_case(provider))
+
+
+@bench
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_conv2d_fwd_bwd(benchmark, provider):
+    benchmark.group = "conv2d B=8 64->64 3x3 28x28 fwd+bwd cpu fp32"
+    benchmark.extra_info.update(provider=provider, **CONV)
+    benchmark(_conv_case(provider))

@@ -1,0 +1,111 @@
+"""What taps_fast can run here: ``python -m taps_fast.info`` (or ``taps-fast info``).
+
+Prints the versions (taps_fast, torch, triton, timm, python), CUDA and the device, TRITON_INTERPRET,
+whether the compiled extension loaded, and for every op and backend whether it serves this
+machine's default device in float32 / float16 / bfloat16 and, if not, why; then which backend
+the dispatcher selects.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return "not installed" if isinstance(e, ImportError) else f"not importable ({type(e).__name__}: {e})"
+    return str(getattr(mod, "__version__", "unknown version"))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def report(device: Optional[torch.device] = None) -> str:
+    """The whole report as text."""
+    import taps_fast
+    from taps_fast import _ext, dispatch
+
+    device = device or default_device()
+    lines: List[str] = []
+    kv: List[Tuple[str, str]] = [
+        ("taps_fast", taps_fast.__version__),
+        ("torch", torch.__version__),
+        ("triton", _version("triton")),
+        ("timm", _version("timm")),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", platform.platform()),
+        ("cpu count", f"{os.cpu_count()} (torch threads: {torch.get_num_threads()})"),
+    ]
+    if torch.cuda.is_available():
+        names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+                          for i in range(torch.cuda.device_count()))
+        kv.append(("CUDA", f"available, torch built with CUDA {torch.version.cuda}; {names}"))
+    else:
+        built = f"torch built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only torch build"
+        kv.append(("CUDA", f"not available ({built})"))
+    kv.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "(unset)")))
+    kv.append((dispatch.ENV_VAR, os.environ.get(dispatch.ENV_VAR, "(unset)")))
+    mod, why = _ext.load()
+    kv.append(("compiled extension", f"loaded ({getattr(mod, '__file__', mod)})" if mod is not None else f"not loaded: {why}"))
+    kv.append(("backends", ", ".join(dispatch.backend_names()) + " (in priority order)"))
+    w = max(len(k) for k, _ in kv)
+    lines += [f"{k:<{w}}  {v}" for k, v in kv]
+
+    lines.append("")
+    lines.append(f"ops on {device} (groups=1): 'ok' = the backend serves the call")
+    rows = [("op", "backend") + tuple(_dtype_name(d) for d in DTYPES)]
+    for op in dispatch.OPS:
+        per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1) for d in DTYPES}
+        for name in dispatch.backend_names():
+            rows.append((op, name) + tuple(per[d].get(name) or "ok" for d in DTYPES))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip())
+
+    lines.append("")
+    lines.append("selected backend:")
+    try:
+        forced = dispatch.forced_backend()
+    except dispatch.NoBackendError as e:
+        forced = None
+        lines.append(f"  {e}")
+    if forced:
+        lines.append(f"  forced: {forced}")
+    for op in dispatch.OPS:
+        sel = []
+        for d in DTYPES:
+            try:
+                sel.append(f"{_dtype_name(d)}: {dispatch.select(op, device=device, dtype=d, groups=1).name}")
+            except dispatch.NoBackendError:
+                sel.append(f"{_dtype_name(d)}: none")
+        lines.append(f"  {op:<{max(map(len, dispatch.OPS))}}  " + ", ".join(sel))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m taps_fast.info",
+                                description="Print what taps_fast can run on this machine.")
+    p.add_argument("--device", default=None, help="device to report on (default: cuda if available, else cpu)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device) if args.device else None
+    print(report(device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

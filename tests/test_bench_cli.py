@@ -1,0 +1,64 @@
+"""The benchmark and info entry points: a tiny end-to-end run, the timing helper, the table."""
+import json
+
+import pytest
+
+from taps_fast import bench, cli, info
+
+
+def test_time_interleaved_round_robin_and_stats():
+    calls = []
+    ticks = []
+    clock = iter(range(0, 1000, 1)).__next__  # every clock read advances 1 s
+    st = bench.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                repeats=3, warmup=1, tick=lambda: ticks.append(1), clock=clock)
+    assert calls == ["a", "b"] * 4  # warmup then repeats, one of each in turn
+    assert len(ticks) == 8
+    assert st["a"].times_ms == [1000.0] * 3 and st["b"].median == 1000.0
+    s = bench.Stats([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert (s.median, s.q1, s.q3, s.iqr, s.min, s.max) == (3.0, 2.0, 4.0, 2.0, 1.0, 100.0)
+    assert bench.Stats([5.0]).iqr == 0.0
+    with pytest.raises(ValueError):
+        bench.time_fn(lambda: None, repeats=0)
+
+
+def test_rows_ratios_and_table():
+    rows = [bench.make_row("models", "m", "train", p, 4, 32, bench.Stats([t]))
+            for p, t in (("plain", 10.0), ("taps", 15.0))]
+    bench.add_ratios(rows)
+    assert [r.ratio for r in rows] == [1.0, 1.5]
+    assert rows[0].img_per_s == pytest.approx(400.0)
+    table = bench.format_table(rows)
+    assert "1.50x" in table and "taps" in table and "median ms" in table
+
+
+def test_bench_main_tiny(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc = bench.main(["--models", "resnet18", "--batch", "2", "--resolution", "64", "--repeats", "1",
+                     "--warmup", "0", "--open-fraction", "0.5", "--out", str(out), "--quiet"])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["environment"]["torch"] and rec["arguments"]["batch"] == 2
+    got = {(r["mode"], r["provider"]): r for r in rec["rows"]}
+    assert set(got) == {("train", "plain"), ("train", "taps"), ("infer", "plain"), ("infer", "taps"),
+                        ("infer", "taps-merged")}
+    for r in rec["rows"]:
+        assert r["model"] == "resnet18" and r["median_ms"] > 0 and r["ratio"] > 0 and r["img_per_s"] > 0
+    assert got[("train", "plain")]["ratio"] == 1.0
+    extra = got[("infer", "taps")]["extra"]
+    assert extra["open_layers"] == round(0.5 * extra["gated_layers"])
+    printed = capsys.readouterr().out
+    assert "taps-merged" in printed and "backend=" in printed
+
+
+def test_info_main(capsys):
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "linear_fwd" in out and "compiled extension" in out
+
+
+def test_cli_forwards(capsys):
+    assert cli.main(["info"]) == 0
+    assert "reference" in capsys.readouterr().out
+    assert cli.main([]) == 0
+    assert cli.main(["nope"]) == 2
