@@ -21,6 +21,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def inner(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a, b⟩ = Σ a∘b accumulated in acc_dtype, as one BLAS dot (no elementwise temporary in
+    fp32/fp64; half inputs are upcast first, as fp16 dot would accumulate in fp16)."""
+    acc = acc_dtype(a.dtype)
+    return torch.dot(a.reshape(-1).to(acc), b.reshape(-1).to(acc))
+
+
 def gate_is_open(score: Tensor, threshold: float, where: str) -> bool:
     """I(s) = 1[s >= τ] as a Python bool (a host sync on accelerators).
 

@@ -33,6 +33,7 @@ from ._common import (
     check_common,
     empty0,
     gate_is_open,
+    inner,
     match_layout,
 )
 
@@ -100,7 +101,7 @@ def _closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
             dy[:, o0:o1], xb, d_blk, None, stride, padding, dilation, False, [0, 0], gb,
             [False, True, False],
         )[1]
-        ds += (g_blk.to(acc) * d_blk.to(acc)).sum()
+        ds += inner(g_blk, d_blk)
     return ds
 
 
@@ -117,8 +118,7 @@ def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation,
         )
         if need_g:
             if needs_dscore:
-                acc = acc_dtype(delta.dtype)
-                dscore = (g.to(acc) * delta.to(acc)).sum()
+                dscore = inner(g, delta)
             if needs_ddelta:
                 ddelta = g if is_open else torch.zeros_like(delta)
             if needs_dweight:

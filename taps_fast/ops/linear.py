@@ -36,6 +36,7 @@ from ._common import (
     check_common,
     empty0,
     gate_is_open,
+    inner,
 )
 
 _OP = "taps_linear"
@@ -73,7 +74,7 @@ def _closed_ds(dy2: Tensor, x2: Tensor, delta: Tensor) -> Tensor:
     ds = torch.zeros((), dtype=acc, device=delta.device)
     for n0 in range(0, n, rows):
         g_blk = dy2[:, n0:n0 + rows].t() @ x2
-        ds += (g_blk.to(acc) * delta[n0:n0 + rows].to(acc)).sum()
+        ds += inner(g_blk, delta[n0:n0 + rows])
     return ds
 
 
@@ -93,8 +94,7 @@ def linear_bwd_reference(
     if need_g:
         g = dy2.t() @ x2
         if needs_dscore:
-            acc = acc_dtype(delta.dtype)
-            dscore = (g.to(acc) * delta.to(acc)).sum()
+            dscore = inner(g, delta)
         if needs_ddelta:
             ddelta = g if is_open else torch.zeros_like(delta)
         if needs_dweight:
