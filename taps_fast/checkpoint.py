@@ -159,11 +159,6 @@ def load_task(model: nn.Module, path: PathLike) -> nn.Module:
     path = os.fspath(path)
     tensors, meta = _read(path)
     layers = dict(taps_layers(model))
-    fp = base_fingerprint(model)
-    if meta.get("base_fingerprint") != fp:
-        raise TaskFileError(f"{path!r} was made for a different base model: base fingerprint "
-                            f"{meta.get('base_fingerprint', '?')[:16]}… in the file, {fp[:16]}… for this "
-                            f"{type(model).__name__} ({len(layers)} gated layers)")
     try:
         thresholds = json.loads(meta["thresholds"])
     except (KeyError, ValueError) as e:
@@ -179,10 +174,16 @@ def load_task(model: nn.Module, path: PathLike) -> nn.Module:
         problems.append(f"unexpected keys {other}")
     missing = sorted(set(layers) - set(scores))
     extra = sorted(set(scores) - set(layers))
-    if missing:
-        problems.append(f"missing scores for layers {missing}")
-    if extra:
-        problems.append(f"extra scores for layers this model does not have {extra}")
+    if missing or extra:  # checked before the fingerprint, which would only say "different"
+        raise TaskFileError(
+            f"{path!r} does not fit this {type(model).__name__}: its gated layers differ "
+            f"(missing scores for layers {missing}; extra scores for layers this model does not have "
+            f"{extra}): another base model, or converted with other include/exclude/head")
+    fp = base_fingerprint(model)
+    if meta.get("base_fingerprint") != fp:
+        raise TaskFileError(f"{path!r} was made for a different base model: base fingerprint "
+                            f"{meta.get('base_fingerprint', '?')[:16]}… in the file, {fp[:16]}… for this "
+                            f"{type(model).__name__} ({len(layers)} gated layers)")
     opened = {}
     for n, s in scores.items():
         if n in layers:

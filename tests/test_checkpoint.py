@@ -100,6 +100,13 @@ def test_refuses_another_base(saved):
     assert _unchanged(other, before)
 
 
+def test_refuses_differently_converted_model(saved):
+    _, path, _ = saved
+    other = convert(make_base(), include="layer4.*")
+    with pytest.raises(TaskFileError, match=r"gated layers differ \(missing scores for layers \[\]; extra scores"):
+        load_task(other, path)
+
+
 def test_refuses_truncated_file(saved, tmp_path):
     _, path, _ = saved
     data = path.read_bytes()
