@@ -45,25 +45,27 @@ def _step(fwd, x, dy, params):
     return run
 
 
+def _case(provider: str, plain: nn.Module, taps: nn.Module, ref, x, dy):
+    """The step of one provider: ``plain`` layer, ``taps`` layer (open or closed), or ``ref`` (the
+    authors' style formula on the taps layer's tensors)."""
+    if provider == "plain":
+        return _step(plain, x, dy, list(plain.parameters()))
+    _fill(taps)
+    if provider == "taps-closed":
+        with torch.no_grad():
+            taps.score.fill_(CLOSED_SCORE)
+    params = [p for p in taps.parameters() if p.requires_grad]
+    return _step(ref if provider == "authors" else taps, x, dy, params)
+
+
 def _linear_case(provider: str):
     torch.manual_seed(0)
     m, n, k = LINEAR["M"], LINEAR["N"], LINEAR["K"]
     x = torch.randn(m, k, requires_grad=True)
     dy = torch.randn(m, n)
-    if provider == "plain":
-        layer = nn.Linear(k, n)
-        return _step(layer, x, dy, list(layer.parameters()))
-    layer = taps_fast.TAPSLinear(k, n)
-    _fill(layer)
-    if provider == "taps-closed":
-        with torch.no_grad():
-            layer.score.fill_(CLOSED_SCORE)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    if provider == "authors":
-        fwd = lambda x: taps_fast.taps_linear_ref(x, layer.weight, layer.delta, layer.score, layer.bias,  # noqa: E731
-                                                  layer.threshold)
-        return _step(fwd, x, dy, params)
-    return _step(layer, x, dy, params)
+    t = taps_fast.TAPSLinear(k, n)
+    ref = lambda x: taps_fast.taps_linear_ref(x, t.weight, t.delta, t.score, t.bias, t.threshold)  # noqa: E731
+    return _case(provider, nn.Linear(k, n), t, ref, x, dy)
 
 
 def _conv_case(provider: str):
@@ -71,21 +73,10 @@ def _conv_case(provider: str):
     c = CONV
     x = torch.randn(c["B"], c["C"], c["H"], c["W"], requires_grad=True)
     dy = torch.randn(c["B"], c["O"], c["H"], c["W"])  # padding 1 keeps 28x28
-    if provider == "plain":
-        layer = nn.Conv2d(c["C"], c["O"], c["k"], padding=1)
-        return _step(layer, x, dy, list(layer.parameters()))
-    layer = taps_fast.TAPSConv2d(c["C"], c["O"], c["k"], padding=1)
-    _fill(layer)
-    if provider == "taps-closed":
-        with torch.no_grad():
-            layer.score.fill_(CLOSED_SCORE)
-    params = [p for p in layer.parameters() if p.requires_grad]
-    if provider == "authors":
-        fwd = lambda x: taps_fast.taps_conv2d_ref(x, layer.weight, layer.delta, layer.score, layer.bias,  # noqa: E731
-                                                  layer.stride, layer.padding, layer.dilation, layer.groups,
-                                                  layer.threshold)
-        return _step(fwd, x, dy, params)
-    return _step(layer, x, dy, params)
+    t = taps_fast.TAPSConv2d(c["C"], c["O"], c["k"], padding=1)
+    ref = lambda x: taps_fast.taps_conv2d_ref(x, t.weight, t.delta, t.score, t.bias, t.stride,  # noqa: E731
+                                              t.padding, t.dilation, t.groups, t.threshold)
+    return _case(provider, nn.Conv2d(c["C"], c["O"], c["k"], padding=1), t, ref, x, dy)
 
 
 @bench

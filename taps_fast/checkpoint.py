@@ -64,6 +64,11 @@ def _checksum(tensors: Iterable[Tuple[str, Tensor]]) -> str:
     return h.hexdigest()
 
 
+def _gated_keys(names: Iterable[str]) -> set:
+    """state_dict keys of the gated layers' own tensors (base weight, delta, score)."""
+    return {f"{n}.{k}" if n else k for n in names for k in ("weight", "delta", "score")}
+
+
 def task_tensors(model: nn.Module) -> Dict[str, Tensor]:
     """What the task adds to the base, keyed as in the file (tensors not copied)."""
     out: Dict[str, Tensor] = {}
@@ -79,7 +84,7 @@ def task_tensors(model: nn.Module) -> Dict[str, Tensor]:
     norm_keys, head_keys = task_state_keys(model)
     state = model.state_dict(keep_vars=True)
     keys = set(norm_keys) | set(head_keys)
-    gated = {f"{n}.{k}" if n else k for n, _ in layers for k in ("weight", "delta", "score")}
+    gated = _gated_keys(n for n, _ in layers)
     keys |= {k for k, p in model.named_parameters() if p.requires_grad and k not in gated}
     for k in sorted(keys):
         out[f"state/{k}"] = state[k].detach()
@@ -200,7 +205,7 @@ def load_task(model: nn.Module, path: PathLike) -> nn.Module:
             problems.append(f"delta/{n} has shape {tuple(t.shape)}, the layer's weight {tuple(layers[n].weight.shape)}")
     norm_keys, head_keys = task_state_keys(model)
     required = set(norm_keys) | set(head_keys)
-    gated = {f"{n}.{k}" if n else k for n in layers for k in ("weight", "delta", "score")}
+    gated = _gated_keys(layers)
     optional = {k for k, _ in model.named_parameters()} - gated
     model_state = model.state_dict(keep_vars=True)
     for k in sorted(required - set(states)):

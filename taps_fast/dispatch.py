@@ -47,11 +47,13 @@ class NoBackendError(RuntimeError):
 
 
 def register_backend(backend: Backend, priority: Optional[int] = None) -> None:
-    """Register a backend; lower ``priority`` index is tried first (default: before reference)."""
+    """Register a backend at list position ``priority`` (tried in list order; default: just
+    before the reference backend)."""
     if any(b.name == backend.name for b in _REGISTRY):
         raise ValueError(f"a backend named {backend.name!r} is already registered")
-    if priority is None:
-        priority = max(0, len(_REGISTRY) - 1) if _REGISTRY and _REGISTRY[-1].name == "reference" else len(_REGISTRY)
+    if priority is None:  # ahead of "reference", the fallback that serves everything
+        names = backend_names()
+        priority = names.index("reference") if "reference" in names else len(names)
     _REGISTRY.insert(priority, backend)
 
 
