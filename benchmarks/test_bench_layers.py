@@ -79,17 +79,18 @@ def _conv_case(provider: str):
     return _case(provider, nn.Conv2d(c["C"], c["O"], c["k"], padding=1), t, ref, x, dy)
 
 
-@bench
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_linear_fwd_bwd(benchmark, provider):
-    benchmark.group = "linear M=256 N=K=768 fwd+bwd cpu fp32"
-    benchmark.extra_info.update(provider=provider, **LINEAR)
-    benchmark(_linear_case(provider))
+# layer -> (benchmark group, shape, case builder)
+LAYERS = {
+    "linear": ("linear M=256 N=K=768 fwd+bwd cpu fp32", LINEAR, _linear_case),
+    "conv2d": ("conv2d B=8 64->64 3x3 28x28 fwd+bwd cpu fp32", CONV, _conv_case),
+}
 
 
 @bench
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_conv2d_fwd_bwd(benchmark, provider):
-    benchmark.group = "conv2d B=8 64->64 3x3 28x28 fwd+bwd cpu fp32"
-    benchmark.extra_info.update(provider=provider, **CONV)
-    benchmark(_conv_case(provider))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_layer_fwd_bwd(benchmark, layer, provider):
+    group, shape, case = LAYERS[layer]
+    benchmark.group = group
+    benchmark.extra_info.update(provider=provider, **shape)
+    benchmark(case(provider))
