@@ -3,7 +3,11 @@
 Each backend states, per op and per call, whether it can serve and if not why. The dispatcher tries
 the backends in priority order and takes the first that fits; ``TAPS_FAST_BACKEND=<name>`` (or
 :func:`use_backend`) forces one, and a forced backend that cannot serve fails with every backend's
-reason. Later issues register "triton" and "cuda" ahead of "reference".
+reason. "triton" (and later "cuda") sit ahead of "reference".
+
+A backend's ``why_not`` also receives ``forced`` (whether it was forced), so a backend can serve
+a device only on request: the triton backend serves CPU tensors under TRITON_INTERPRET=1 (its
+test mode) only when forced, leaving the reference path the CPU default.
 
 Dispatch happens inside the custom ops' real kernels, at run time, so it is invisible to
 torch.compile (the fake kernels do not depend on the backend).
@@ -29,13 +33,13 @@ class Backend:
     why_not: Callable[..., Optional[str]] = lambda op, **meta: None
     available: Callable[[], Optional[str]] = lambda: None  # None, or why it is not installed
 
-    def reason(self, op: str, **meta) -> Optional[str]:
+    def reason(self, op: str, forced: bool = False, **meta) -> Optional[str]:
         missing = self.available()
         if missing is not None:
             return missing
         if op not in self.kernels:
             return f"has no {op} kernel"
-        return self.why_not(op, **meta)
+        return self.why_not(op, forced=forced, **meta)
 
 
 _REGISTRY: List[Backend] = []
@@ -88,8 +92,10 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
 
 
 def reasons(op: str, **meta) -> Dict[str, Optional[str]]:
-    """Every backend's answer for this call: None (can serve) or the reason it cannot."""
-    return {b.name: b.reason(op, **meta) for b in _REGISTRY}
+    """Every backend's answer for this call: None (can serve) or the reason it cannot. A forced
+    backend is asked as forced, the others as for an automatic choice."""
+    forced = forced_backend()
+    return {b.name: b.reason(op, forced=b.name == forced, **meta) for b in _REGISTRY}
 
 
 def select(op: str, **meta) -> Backend:
@@ -98,7 +104,7 @@ def select(op: str, **meta) -> Backend:
     forced = forced_backend()
     candidates = [b for b in _REGISTRY if forced is None or b.name == forced]
     for b in candidates:
-        if b.reason(op, **meta) is None:
+        if b.reason(op, forced=forced is not None, **meta) is None:
             return b
     lines = "; ".join(f"{n}: {r or 'ok'}" for n, r in reasons(op, **meta).items())
     head = f"backend {forced!r} (forced) cannot serve" if forced else "no backend can serve"

@@ -3,7 +3,7 @@
 Prints the versions (taps_fast, torch, triton, timm, python), CUDA and the device, TRITON_INTERPRET,
 whether the compiled extension loaded, and for every op and backend whether it serves this
 machine's default device in float32 / float16 / bfloat16 and, if not, why; then which backend
-the dispatcher selects.
+the dispatcher selects. ``--kernels`` runs the static GPU check instead (kernel_check.py).
 """
 from __future__ import annotations
 
@@ -101,7 +101,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m taps_fast.info",
                                 description="Print what taps_fast can run on this machine.")
     p.add_argument("--device", default=None, help="device to report on (default: cuda if available, else cpu)")
+    p.add_argument("--kernels", action="store_true",
+                   help="static GPU check instead: compile every Triton kernel for sm_80/sm_90 at every "
+                        "autotune config and report registers, shared/local memory and HGMMA use; "
+                        "exits 1 on a spill or a matmul without HGMMA on sm_90 (needs no GPU)")
+    p.add_argument("--dtypes", default=None, help="with --kernels: fp16,bf16,tf32 (default fp16,tf32)")
+    p.add_argument("--archs", default=None, help="with --kernels: e.g. 80,90 (the default)")
     args = p.parse_args(argv)
+    if args.kernels:
+        from . import kernel_check
+
+        extra = (["--dtypes", args.dtypes] if args.dtypes else []) + (["--archs", args.archs] if args.archs else [])
+        return kernel_check.main(extra)
     device = torch.device(args.device) if args.device else None
     print(report(device))
     return 0

@@ -26,3 +26,16 @@ def assert_rel_close(actual, expected, dtype, what=""):
     err = rel_err(actual, expected)
     bound = RTOL[dtype]
     assert err <= bound, f"{what}: relative error {err:.3g} > bound {bound:.3g} for {dtype}"
+
+
+def assert_scaled_close(actual, expected, scale, dtype, what=""):
+    """For sums of products (matmul, conv, their gradients, ds): each element's error is measured
+    against the same sum taken over absolute values (scale), the size of what was added, so that
+    cancellation in a single output element cannot inflate the relative error."""
+    a = actual.detach().double()
+    assert a.shape == expected.shape, (what, a.shape, expected.shape)
+    assert torch.isfinite(a).all(), f"{what}: non-finite values in the result (unwritten elements?)"
+    s = scale.detach().double()
+    err = float(((a - expected.double()).abs() / s.clamp_min(1e-6 * float(s.max()) + 1e-30)).max())
+    bound = RTOL[dtype]
+    assert err <= bound, f"{what}: relative error {err:.3g} > bound {bound:.3g} for {dtype}"

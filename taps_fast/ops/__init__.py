@@ -1,8 +1,10 @@
 """TAPS ops: one file per op (kernels' launchers, custom op, autograd, functional API).
 
-Importing this package registers the ``taps_fast::*`` custom ops and the "reference" backend.
+Importing this package registers the ``taps_fast::*`` custom ops and the "triton" and
+"reference" backends (triton is tried first; see triton_backend.py for what it serves).
 """
 from .. import dispatch
+from . import triton_backend
 from .conv import conv2d_bwd_reference, conv2d_fwd_reference, taps_conv2d, taps_conv2d_ref
 from .linear import linear_bwd_reference, linear_fwd_reference, taps_linear, taps_linear_ref
 
@@ -17,6 +19,14 @@ dispatch.register_backend(
         },
         # Pure PyTorch: serves every device, dtype and layout that F.linear / F.conv2d serve.
         why_not=lambda op, **meta: None,
+    )
+)
+dispatch.register_backend(  # ahead of "reference"
+    dispatch.Backend(
+        name="triton",
+        kernels=triton_backend.KERNELS,
+        why_not=triton_backend.why_not,
+        available=triton_backend.available,
     )
 )
 

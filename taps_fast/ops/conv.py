@@ -106,7 +106,7 @@ def _closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
 
 
 def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
-                         needs_dx, needs_dweight, needs_ddelta, needs_dscore):
+                         needs_dx, needs_dweight, needs_ddelta, needs_dscore, needs_dbias):
     is_open = gate_is_open(score, threshold, _OP)
     w_eff = weight + delta if (is_open and needs_dx) else weight
     need_g = needs_dweight or (is_open and (needs_ddelta or needs_dscore))
@@ -133,7 +133,20 @@ def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation,
         match_layout(dweight, weight) if dweight is not None else empty0(weight),
         match_layout(ddelta, delta) if ddelta is not None else empty0(delta),
         dscore.to(score.dtype) if dscore is not None else empty0(score),
+        dy.sum((0, 2, 3)) if needs_dbias else empty0(dy),
     )
+
+
+def _meta(x: Tensor, weight: Tensor, groups: int, y_numel: int) -> dict:
+    """What the dispatcher needs to know of a call (metadata only: no sync, compile-safe)."""
+    return dict(device=x.device, dtype=x.dtype, groups=groups,
+                numel=max(x.numel(), weight.numel(), y_numel))
+
+
+def _y_numel(x, weight, stride, padding, dilation) -> int:
+    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.shape[0] * weight.shape[0] * ho * wo
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -142,7 +155,7 @@ def _conv2d_op(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
     stride: List[int], padding: List[int], dilation: List[int], groups: int, threshold: float,
 ) -> Tensor:
-    be = dispatch.select("conv2d_fwd", device=x.device, dtype=x.dtype, groups=groups)
+    be = dispatch.select("conv2d_fwd", **_meta(x, weight, groups, _y_numel(x, weight, stride, padding, dilation)))
     y = be.kernels["conv2d_fwd"](x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
     return _restride(y, _out_format(x))
 
@@ -160,21 +173,23 @@ def _conv2d_fake(x, weight, delta, score, bias, stride, padding, dilation, group
 def _conv2d_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor,
     stride: List[int], padding: List[int], dilation: List[int], groups: int, threshold: float,
-    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    be = dispatch.select("conv2d_bwd", device=x.device, dtype=x.dtype, groups=groups)
+    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool, needs_dbias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    be = dispatch.select("conv2d_bwd", **_meta(x, weight, groups, dy.numel()))
     return be.kernels["conv2d_bwd"](dy, x, weight, delta, score, stride, padding, dilation, groups,
-                                    threshold, needs_dx, needs_dweight, needs_ddelta, needs_dscore)
+                                    threshold, needs_dx, needs_dweight, needs_ddelta, needs_dscore,
+                                    needs_dbias)
 
 
 @_conv2d_backward_op.register_fake
 def _conv2d_backward_fake(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
-                          needs_dx, needs_dweight, needs_ddelta, needs_dscore):
+                          needs_dx, needs_dweight, needs_ddelta, needs_dscore, needs_dbias):
     return (
         torch.empty_like(x) if needs_dx else empty0(x),
         torch.empty_like(weight) if needs_dweight else empty0(weight),
         torch.empty_like(delta) if needs_ddelta else empty0(delta),
         score.new_empty(()) if needs_dscore else empty0(score),
+        dy.new_empty((weight.shape[0],)) if needs_dbias else empty0(dy),
     )
 
 
@@ -188,13 +203,13 @@ def _conv2d_setup_context(ctx, inputs, output):
 def _conv2d_backward(ctx, dy):
     x, weight, delta, score = ctx.saved_tensors
     nx, nw, nd, ns, nb = ctx.needs_input_grad[:5]
+    nb = nb and ctx.has_bias
     dx = dw = dd = ds = db = None
-    if nx or nw or nd or ns:
-        dx, dw, dd, ds = _conv2d_backward_op(dy, x, weight, delta, score, *ctx.args, nx, nw, nd, ns)
-    if nb and ctx.has_bias:
-        db = dy.sum((0, 2, 3))
-    return (dx if nx else None, dw if nw else None, dd if nd else None, ds if ns else None, db,
-            None, None, None, None, None)
+    if nx or nw or nd or ns or nb:  # one op: the Triton backend fuses db into the G pass
+        dx, dw, dd, ds, db = _conv2d_backward_op(dy, x, weight, delta, score, *ctx.args,
+                                                 nx, nw, nd, ns, nb)
+    return (dx if nx else None, dw if nw else None, dd if nd else None, ds if ns else None,
+            db if nb else None, None, None, None, None, None)
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)

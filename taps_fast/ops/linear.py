@@ -80,8 +80,8 @@ def _closed_ds(dy2: Tensor, x2: Tensor, delta: Tensor) -> Tensor:
 
 def linear_bwd_reference(
     dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, threshold: float,
-    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool, needs_dbias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     is_open = gate_is_open(score, threshold, _OP)
     n, k = weight.shape
     dy2 = dy.reshape(-1, n)
@@ -109,7 +109,14 @@ def linear_bwd_reference(
         dweight.contiguous() if dweight is not None else empty0(weight),
         ddelta.contiguous() if ddelta is not None else empty0(delta),
         dscore.to(score.dtype) if dscore is not None else empty0(score),
+        dy2.sum(0) if needs_dbias else empty0(dy),
     )
+
+
+def _meta(x: Tensor, weight: Tensor) -> dict:
+    """What the dispatcher needs to know of a call (metadata only: no sync, compile-safe)."""
+    return dict(device=x.device, dtype=x.dtype,
+                numel=max(x.numel(), weight.numel(), x.numel() // max(1, weight.shape[1]) * weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -117,7 +124,7 @@ def linear_bwd_reference(
 def _linear_op(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor], threshold: float
 ) -> Tensor:
-    be = dispatch.select("linear_fwd", device=x.device, dtype=x.dtype)
+    be = dispatch.select("linear_fwd", **_meta(x, weight))
     return be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous()
 
 
@@ -129,22 +136,24 @@ def _linear_fake(x, weight, delta, score, bias, threshold):
 @torch.library.custom_op("taps_fast::linear_backward", mutates_args=())
 def _linear_backward_op(
     dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, threshold: float,
-    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    be = dispatch.select("linear_bwd", device=x.device, dtype=x.dtype)
+    needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool, needs_dbias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    be = dispatch.select("linear_bwd", **_meta(x, weight))
     return be.kernels["linear_bwd"](
-        dy, x, weight, delta, score, threshold, needs_dx, needs_dweight, needs_ddelta, needs_dscore
+        dy, x, weight, delta, score, threshold, needs_dx, needs_dweight, needs_ddelta, needs_dscore,
+        needs_dbias,
     )
 
 
 @_linear_backward_op.register_fake
 def _linear_backward_fake(dy, x, weight, delta, score, threshold, needs_dx, needs_dweight,
-                          needs_ddelta, needs_dscore):
+                          needs_ddelta, needs_dscore, needs_dbias):
     return (
         x.new_empty(x.shape) if needs_dx else empty0(x),
         weight.new_empty(weight.shape) if needs_dweight else empty0(weight),
         delta.new_empty(delta.shape) if needs_ddelta else empty0(delta),
         score.new_empty(()) if needs_dscore else empty0(score),
+        dy.new_empty((weight.shape[0],)) if needs_dbias else empty0(dy),
     )
 
 
@@ -158,12 +167,13 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, dy):
     x, weight, delta, score = ctx.saved_tensors
     nx, nw, nd, ns, nb, _ = ctx.needs_input_grad
+    nb = nb and ctx.has_bias
     dx = dw = dd = ds = db = None
-    if nx or nw or nd or ns:
-        dx, dw, dd, ds = _linear_backward_op(dy, x, weight, delta, score, ctx.threshold, nx, nw, nd, ns)
-    if nb and ctx.has_bias:
-        db = dy.reshape(-1, dy.shape[-1]).sum(0)
-    return (dx if nx else None, dw if nw else None, dd if nd else None, ds if ns else None, db, None)
+    if nx or nw or nd or ns or nb:  # one op: the Triton backend fuses db into the G pass
+        dx, dw, dd, ds, db = _linear_backward_op(dy, x, weight, delta, score, ctx.threshold,
+                                                 nx, nw, nd, ns, nb)
+    return (dx if nx else None, dw if nw else None, dd if nd else None, ds if ns else None,
+            db if nb else None, None)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

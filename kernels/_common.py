@@ -1,0 +1,197 @@
+"""Pieces shared by the Triton kernels: the interpreter switch, autotune configs, the gate, and
+the weight-gradient epilogue (dΔW, dW, ds) used by both the linear and the conv kernels.
+
+Numerics
+- Every product accumulates in fp32 (tl.dot's accumulator); inputs are fp16, bf16 or fp32.
+  fp32 inputs use TF32 tensor cores on a GPU (the backend only serves fp32 where torch itself
+  allows TF32, see taps_fast/ops/triton_backend.py) and exact IEEE fp32 under the interpreter.
+- The gate I(s) = 1[s >= τ] is read from the score tensor inside the kernel: no host sync, so a
+  layer can be captured in a CUDA graph. τ is passed already rounded to the score's dtype, so the
+  fp32 comparison in the kernel equals torch's comparison in that dtype. A NaN score cannot raise
+  without a sync; it poisons the output instead (acc += s - s), so it is never silently closed.
+- W + g·ΔW is formed tile by tile in registers in the input dtype (as the reference forms it in
+  memory), then fed to one tl.dot. A closed gate masks every ΔW load off: predicated-off loads
+  move no bytes, so the closed variant reads W only, with the same compiled code.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# The interpreter runs kernels on the CPU (numpy); tests use it with small shapes. It must be
+# set before the kernels are decorated, i.e. before this package is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) each autotuner may choose on a
+# GPU, per kernel family. Chosen with the static check (python -m taps_fast.info --kernels):
+# with the combine in registers the tile loads are pipelined through registers, so larger tiles
+# (128x256, or 128x128x64 on sm_80) spill; every config listed compiles spill-free for sm_80 and
+# sm_90 and uses wgmma (HGMMA) on sm_90.
+# Keyed by the input's element size: fp32 (TF32) tiles hold twice the registers of fp16/bf16 ones.
+FWD_TILES = {  # gated linear forward and dx
+    2: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
+    4: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
+}
+WGRAD_TILES = {  # G passes: (BLOCK_N, BLOCK_K, BLOCK_R) of G = dyᵀ·x
+    2: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
+    # 128x128x32 w8 s3 spilled 120 bytes in tf32 on sm_80
+    4: [(64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
+}
+CONV_TILES = {  # implicit-GEMM conv forward, dx and G. The gathers keep a 64-bit address per
+    # element of each in-flight tile, so conv needs 2 stages (or 8 warps) where linear takes 3-4:
+    # at 128x64x32 with 4 warps the fp16 forward spilled 392-448 bytes, 128x128x32 spills on sm_80;
+    # in tf32, 128x64x32 w8 s2 spilled 8 bytes and 64x64x32 w4 s3 120-288 bytes.
+    2: [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
+    4: [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2)],
+}
+
+
+def all_tiles(family: dict) -> list:
+    return [t for size in sorted(family) for t in family[size]]
+
+
+# Under the interpreter one config (autotuning would run every config). With it the odd test
+# sizes cross tile edges in every dimension: 17 is one partial tile, 64 one full (two along K),
+# 129 three (five along K) with a last partial one. 64-wide M/N tiles halve the interpreter's
+# time against 32-wide ones (its cost is per program and per loop step).
+INTERPRET_TILES = [(64, 64, 32, 4, 1)]
+
+# Tests set this to fill every buffer a launcher allocates with NaN before the kernels run, so an
+# element a kernel fails to write shows up as NaN (torch.empty may hand back zeros by chance).
+POISON_OUTPUTS = False
+
+
+def alloc(shape, dtype, device, memory_format=None):
+    """torch.empty for kernel outputs and workspaces (NaN-filled when POISON_OUTPUTS is set)."""
+    import torch
+
+    kw = {} if memory_format is None else {"memory_format": memory_format}
+    t = torch.empty(shape, dtype=dtype, device=device, **kw)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def alloc_like(t):
+    """alloc with t's shape, dtype, device and memory format (torch.empty_like's preserve_format)."""
+    import torch
+
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+# Elementwise epilogue of the split reductions: one [EPI_N, EPI_K] tile per program.
+EPI_N, EPI_K = 32, 64
+
+
+def mm_configs(family: dict, m="BLOCK_M", n="BLOCK_N", k="BLOCK_K"):
+    """Autotune configs for every element size of a family; each remembers its element size
+    (``taps_elem_size``) and prune_by_dtype keeps those of the call's input dtype."""
+    if INTERPRET:
+        return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in INTERPRET_TILES]
+    out = []
+    for size in sorted(family):
+        for bm, bn, bk, w, s in family[size]:
+            c = triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
+            c.taps_elem_size = size
+            out.append(c)
+    return out
+
+
+def prune_by_dtype(arg: str):
+    """early_config_prune for the autotuner: keep the configs made for the element size of the
+    tensor argument ``arg`` (the interpreter's single config is kept)."""
+
+    def prune(configs, named_args, **kwargs):
+        size = named_args[arg].element_size()
+        keep = [c for c in configs if getattr(c, "taps_elem_size", size) == size]
+        return keep or configs
+
+    return prune
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot input_precision for an input dtype: tf32 for fp32 on a GPU, ieee in the interpreter
+    (where tf32 is not emulated and the tests compare with fp64); ignored for 16-bit inputs."""
+    import torch
+
+    if dtype == torch.float32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+@triton.jit
+def gate(s_ptr, threshold):
+    """(is_open, g, poison): is_open = s >= τ; g = 1.0 or 0.0; poison = s - s (0, or NaN for a
+    NaN score, added to results so a NaN score shows instead of reading as closed)."""
+    s = tl.load(s_ptr).to(tl.float32)
+    is_open = s >= threshold
+    return is_open, is_open.to(tl.float32), s - s
+
+
+@triton.jit
+def grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Map a 1-D program id to (a, b) tile coordinates in groups of GROUP rows of a, so
+    neighbouring programs share operand tiles in L2."""
+    width = GROUP * num_b
+    group_id = pid // width
+    first = group_id * GROUP
+    size = tl.minimum(num_a - first, GROUP)
+    a = first + ((pid % width) % size)
+    b = (pid % width) // size
+    return a, b
+
+
+@triton.jit
+def wgrad_epilogue(acc, rn, rk, kmask, N, C, KW, g, poison,
+                   d_ptr, dd_ptr, dw_ptr, part_ptr, part_idx,
+                   s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
+                   NEEDS_DDELTA: tl.constexpr, NEEDS_DWEIGHT: tl.constexpr, NEEDS_DSCORE: tl.constexpr):
+    """Given a tile G[rn, rk] of the weight gradient (fp32), write dΔW = g·G, dW = G and the
+    tile's share of ds = ⟨G, ΔW⟩ (to part_ptr[part_idx]; the launcher sums the shares in a fixed
+    order, so ds is deterministic). The weight is addressed as [N, K] with k = (kh·KW + kw)·C + c
+    and four strides per tensor, which covers a linear weight (C = K, KW = 1, s2 = s3 = 0) and a
+    conv weight in any memory format; kmask says which columns of the tile exist. G itself is
+    never written unless dW is asked for."""
+    c = rk % C
+    khw = rk // C
+    kh = khw // KW
+    kw = khw % KW
+    mask = (rn[:, None] < N) & kmask[None, :]
+    if NEEDS_DDELTA:
+        off = rn[:, None] * ds0 + c[None, :] * ds1 + kh[None, :] * ds2 + kw[None, :] * ds3
+        tl.store(dd_ptr + off, (acc * g).to(dd_ptr.dtype.element_ty), mask=mask)
+    if NEEDS_DWEIGHT:
+        off = rn[:, None] * ws0 + c[None, :] * ws1 + kh[None, :] * ws2 + kw[None, :] * ws3
+        tl.store(dw_ptr + off, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if NEEDS_DSCORE:
+        off = rn[:, None] * s0 + c[None, :] * s1 + kh[None, :] * s2 + kw[None, :] * s3
+        d = tl.load(d_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(part_ptr + part_idx, tl.sum(tl.sum(acc * d, axis=1), axis=0) + poison)
+
+
+@triton.jit
+def _taps_wgrad_split_epilogue_kernel(
+    ws_ptr, s_ptr, d_ptr, dd_ptr, dw_ptr, part_ptr,
+    N, K, C, KW, SPLIT, threshold,
+    s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
+    NEEDS_DDELTA: tl.constexpr, NEEDS_DWEIGHT: tl.constexpr, NEEDS_DSCORE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Second pass of a split weight-gradient reduction: G = Σ_split ws[split] in a fixed order
+    (deterministic), then the gated epilogue. ws is fp32 [SPLIT, N, K], contiguous."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn[:, None] < N) & (rk[None, :] < K)
+    off = rn[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for i in range(0, SPLIT):
+        acc += tl.load(ws_ptr + i * N * K + off, mask=mask, other=0.0)
+    _, g, poison = gate(s_ptr, threshold)
+    wgrad_epilogue(acc, rn, rk, rk < K, N, C, KW, g, poison, d_ptr, dd_ptr, dw_ptr, part_ptr,
+                   pid_n * tl.num_programs(1) + pid_k,
+                   s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
+                   NEEDS_DDELTA, NEEDS_DWEIGHT, NEEDS_DSCORE)

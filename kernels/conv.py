@@ -1,0 +1,287 @@
+r"""Triton implicit-GEMM kernels for the gated conv2d y = conv2d(x, W + g·ΔW) + b, g = 1[s ≥ τ],
+and their launchers. groups = 1 only (grouped and depthwise convs route to the reference path;
+the backend's why_not says so).
+
+No im2col buffer exists: every kernel computes the input/output pixel addresses of its tile from
+the conv geometry and gathers with masks (zero padding = masked-off loads). Any stride, padding
+and dilation; any memory format (NCHW, channels_last, or strided), through four strides per
+tensor. The GEMM's reduction index is ordered k = (kh·KW + kw)·C + c, channel innermost, so
+that channels_last inputs are read along their contiguous dimension.
+
+    forward  y[b,o,p,q]  = Σ_{c,i,j} x[b, c, p·sh - ph + i·dh, q·sw - pw + j·dw]·W_eff[o,c,i,j] + b[o]
+             GEMM: M = B·OH·OW rows, N = O, K = KH·KW·C          (_taps_conv2d_fwd_kernel)
+    dx       dx[b,c,h,w] = Σ_{o,i,j} dy[b, o, (h + ph - i·dh)/sh, (w + pw - j·dw)/sw]·W_eff[o,c,i,j]
+             over the (i, j) whose division is exact and in range
+             GEMM: M = B·H·W, N = C, K = KH·KW·O                  (_taps_conv2d_dgrad_kernel)
+    G        G[o, (i,j,c)] = Σ_{b,p,q} dy[b,o,p,q]·x[b, c, p·sh - ph + i·dh, q·sw - pw + j·dw]
+             GEMM: N = O, K = KH·KW·C, reduction over B·OH·OW    (_taps_conv2d_wgrad_kernel)
+             then dΔW = g·G, dW = G, ds = ⟨G, ΔW⟩ in the epilogue (see _common.wgrad_epilogue)
+
+dx with a stride > 1 visits every (i, j) and masks the ones that do not land on an output pixel
+(a factor sh·sw of wasted tile work on those layers, a few downsampling convs per network).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import CONV_TILES, alloc, alloc_like, dot_precision, prune_by_dtype, gate, grouped_tile, mm_configs, wgrad_epilogue
+from .linear import (
+    GROUP,
+    _threshold_in,
+    ds_partials,
+    finish_wgrad,
+    num_sms,
+    pick_split,
+)
+
+_KEY = ["B", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"]
+
+
+@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.jit
+def _taps_conv2d_fwd_kernel(
+    x_ptr, w_ptr, d_ptr, s_ptr, b_ptr, y_ptr,
+    B, C, H, W, OC, OH, OW, KH, KW, threshold,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, syb, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    M = B * OH * OW
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(OC, BLOCK_N), GROUP_M)
+    is_open, _, poison = gate(s_ptr, threshold)
+    n_open = OC * is_open.to(tl.int32)  # ΔW column bound: 0 when closed (see linear.py)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    bi = rm // (OH * OW)
+    pq = rm % (OH * OW)
+    oh = pq // OW
+    ow = pq % OW
+    mrow = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # Outer loop over the taps (i, j), inner over channel blocks: the pixel address and the
+    # padding mask are per-row vectors, computed once per tap, and a tile is their broadcast
+    # with the channel offsets (no per-element division; an earlier version decomposed every k
+    # of the tile and spilled 200-1400 bytes per thread on sm_80/sm_90).
+    for ij in range(0, KH * KW):
+        ki = ij // KW
+        kj = ij % KW
+        ih = oh * str_h - pad_h + ki * dil_h
+        iw = ow * str_w - pad_w + kj * dil_w
+        rowok = mrow & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xrow = bi * sxb + ih * sxh + iw * sxw
+        wtap = ki * sw2 + kj * sw3
+        dtap = ki * sd2 + kj * sd3
+        for c0 in range(0, C, BLOCK_K):
+            c = c0 + rk
+            cm = c < C
+            a = tl.load(x_ptr + xrow[:, None] + c[None, :] * sxc, mask=rowok[:, None] & cm[None, :], other=0.0)
+            w = tl.load(w_ptr + wtap + c[:, None] * sw1 + rn[None, :] * sw0,
+                        mask=cm[:, None] & (rn[None, :] < OC), other=0.0)
+            d = tl.load(d_ptr + dtap + c[:, None] * sd1 + rn[None, :] * sd0,
+                        mask=cm[:, None] & (rn[None, :] < n_open), other=0.0)
+            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    acc += poison
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < OC, other=0.0).to(tl.float32)[None, :]
+    yoff = (bi * syb + oh * syh + ow * syw)[:, None] + rn[None, :] * syc
+    tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < OC))
+
+
+@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.jit
+def _taps_conv2d_dgrad_kernel(
+    dy_ptr, w_ptr, d_ptr, s_ptr, dx_ptr,
+    B, C, H, W, OC, OH, OW, KH, KW, threshold,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    syb, syc, syh, syw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, sxb, sxc, sxh, sxw,
+    PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    M = B * H * W
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_N), GROUP_M)
+    is_open, _, poison = gate(s_ptr, threshold)
+    n_open = C * is_open.to(tl.int32)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
+    rk = tl.arange(0, BLOCK_K)
+    bi = rm // (H * W)
+    hw = rm % (H * W)
+    ih = hw // W
+    iw = hw % W
+    mrow = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for ij in range(0, KH * KW):  # taps outer, output-channel blocks inner (as the forward)
+        ki = ij // KW
+        kj = ij % KW
+        th = ih + pad_h - ki * dil_h
+        tw = iw + pad_w - kj * dil_w
+        oh = th // str_h
+        ow = tw // str_w
+        # th >= 0 is part of the mask: the // and % of a negative th never reach memory.
+        rowok = mrow & (th >= 0) & (tw >= 0) & (th % str_h == 0) & (tw % str_w == 0) & (oh < OH) & (ow < OW)
+        dyrow = bi * syb + oh * syh + ow * syw
+        wtap = ki * sw2 + kj * sw3
+        dtap = ki * sd2 + kj * sd3
+        for o0 in range(0, OC, BLOCK_K):
+            o = o0 + rk
+            om = o < OC
+            a = tl.load(dy_ptr + dyrow[:, None] + o[None, :] * syc, mask=rowok[:, None] & om[None, :], other=0.0)
+            w = tl.load(w_ptr + wtap + o[:, None] * sw0 + rn[None, :] * sw1,
+                        mask=om[:, None] & (rn[None, :] < C), other=0.0)
+            d = tl.load(d_ptr + dtap + o[:, None] * sd0 + rn[None, :] * sd1,
+                        mask=om[:, None] & (rn[None, :] < n_open), other=0.0)
+            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    acc += poison
+    xoff = (bi * sxb + ih * sxh + iw * sxw)[:, None] + rn[None, :] * sxc
+    tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < C))
+
+
+@triton.autotune(configs=mm_configs(CONV_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.jit
+def _taps_conv2d_wgrad_kernel(
+    dy_ptr, x_ptr, s_ptr, d_ptr, dd_ptr, dw_ptr, part_ptr, ws_ptr, db_ptr,
+    B, C, H, W, OC, OH, OW, KH, KW, threshold,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    syb, syc, syh, syw, sxb, sxc, sxh, sxw,
+    s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
+    NEEDS_DDELTA: tl.constexpr, NEEDS_DWEIGHT: tl.constexpr, NEEDS_DSCORE: tl.constexpr,
+    HAS_DBIAS: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """G[OC, KH·KW·C] = Σ over the B·OH·OW output pixels of dy ⊗ (gathered x); each program
+    owns BLOCK_N output channels × BLOCK_K input channels of one tap (i, j), so its x gather is
+    a per-row address broadcast with the channel offsets. Then the same epilogue / split
+    workspace / db partials as _taps_linear_wgrad_kernel."""
+    R = B * OH * OW
+    K = KH * KW * C
+    num_c = tl.cdiv(C, BLOCK_K)
+    pid = tl.program_id(0)
+    pid_n, pid_k = grouped_tile(pid, tl.cdiv(OC, BLOCK_N), KH * KW * num_c, GROUP_M)
+    pid_s = tl.program_id(1)
+    ij = pid_k // num_c
+    ki = ij // KW
+    kj = ij % KW
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = (pid_k % num_c) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cm = c < C
+    r_per = tl.cdiv(tl.cdiv(R, SPLIT), BLOCK_R) * BLOCK_R
+    r_lo = pid_s * r_per
+    r_hi = tl.minimum(R, r_lo + r_per)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    db = tl.zeros((BLOCK_N,), tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < r_hi
+        bi = r // (OH * OW)
+        pq = r % (OH * OW)
+        oh = pq // OW
+        ow = pq % OW
+        a = tl.load(dy_ptr + (bi * syb + oh * syh + ow * syw)[None, :] + rn[:, None] * syc,
+                    mask=(rn[:, None] < OC) & rmask[None, :], other=0.0)
+        ih = oh * str_h - pad_h + ki * dil_h
+        iw = ow * str_w - pad_w + kj * dil_w
+        rowok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + (bi * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                    mask=rowok[:, None] & cm[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if HAS_DBIAS:
+            db += tl.sum(a.to(tl.float32), axis=1)
+    if HAS_DBIAS:
+        tl.store(db_ptr + pid_s * OC + rn, db, mask=(rn < OC) & (pid_k == 0))
+    rk = ij * C + c  # the G column of each channel (k = (i·KW + j)·C + c)
+    if SPLIT == 1:
+        _, g, poison = gate(s_ptr, threshold)
+        wgrad_epilogue(acc, rn, rk, cm, OC, C, KW, g, poison, d_ptr, dd_ptr, dw_ptr, part_ptr, pid,
+                       s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
+                       NEEDS_DDELTA, NEEDS_DWEIGHT, NEEDS_DSCORE)
+    else:
+        tl.store(ws_ptr + pid_s * OC * K + rn[:, None] * K + rk[None, :], acc,
+                 mask=(rn[:, None] < OC) & cm[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+def out_size(n: int, k: int, s: int, p: int, d: int) -> int:
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _geometry(x, weight, stride, padding, dilation):
+    B, C, H, W = x.shape
+    OC, _, KH, KW = weight.shape
+    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    return B, C, H, W, OC, OH, OW, KH, KW
+
+
+def _conv_args(stride, padding, dilation):
+    return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+
+
+def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Sequence[int],
+               dilation: Sequence[int], threshold: float, memory_format=torch.contiguous_format):
+    geo = _geometry(x, weight, stride, padding, dilation)
+    B, C, H, W, OC, OH, OW, KH, KW = geo
+    y = alloc((B, OC, OH, OW), x.dtype, x.device, memory_format)
+    M = B * OH * OW
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
+    _taps_conv2d_fwd_kernel[grid](
+        x, weight, delta, score, bias if bias is not None else x, y,
+        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *x.stride(), *weight.stride(), *delta.stride(), *y.stride(),
+        HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
+    )
+    return y
+
+
+def conv2d_dgrad(dy, x, weight, delta, score, stride, padding, dilation, threshold):
+    geo = _geometry(x, weight, stride, padding, dilation)
+    B, C, H, W = x.shape
+    dx = alloc_like(x)  # x's memory format (preserve_format)
+    M = B * H * W
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
+    _taps_conv2d_dgrad_kernel[grid](
+        dy, weight, delta, score, dx,
+        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *dy.stride(), *weight.stride(), *delta.stride(), *dx.stride(),
+        PREC=dot_precision(x.dtype), GROUP_M=GROUP,
+    )
+    return dx
+
+
+def conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation, threshold,
+                 needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool, needs_dbias: bool,
+                 split: Optional[int] = None):
+    """One implicit-GEMM pass over G: returns (dW, dΔW, ds, db), None where not asked for.
+    dW and dΔW come out in the memory format of W and ΔW."""
+    geo = _geometry(x, weight, stride, padding, dilation)
+    B, C, H, W, OC, OH, OW, KH, KW = geo
+    K = KH * KW * C
+    dev = x.device
+    if split is None:
+        split = pick_split(triton.cdiv(OC, 128) * triton.cdiv(K, 128), B * OH * OW, 512, num_sms(dev))
+    ddelta = alloc_like(delta) if needs_ddelta else None
+    dweight = alloc_like(weight) if needs_dweight else None
+    part = ds_partials(OC, K, split, dev, per_tap=(KH * KW, C))
+    ws = alloc((split, OC, K), torch.float32, dev) if split > 1 else part
+    dbp = alloc((split, OC), torch.float32, dev) if needs_dbias else part
+    dd, dw = (ddelta if ddelta is not None else delta), (dweight if dweight is not None else delta)
+    grid = lambda meta: (triton.cdiv(OC, meta["BLOCK_N"]) * KH * KW * triton.cdiv(C, meta["BLOCK_K"]), split)  # noqa: E731
+    _taps_conv2d_wgrad_kernel[grid](
+        dy, x, score, delta, dd, dw, part, ws, dbp,
+        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *dy.stride(), *x.stride(), *delta.stride(), *dd.stride(), *dw.stride(),
+        NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,
+        HAS_DBIAS=needs_dbias, SPLIT=split, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
+    )
+    ds = finish_wgrad(ws, score, delta, dd, dw, part, split, OC, K, C, KW, threshold,
+                      delta.stride(), dd.stride(), dw.stride(), needs_ddelta, needs_dweight, needs_dscore)
+    db = dbp.sum(0).to(dy.dtype) if needs_dbias else None
+    return dweight, ddelta, ds, db
