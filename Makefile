@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.taps_fast-installed
 # nvcc lives here on the development machines; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: setup test bench bench-layers info clean
+.PHONY: setup test bench bench-layers bench-kernels check-kernels info clean
 
 setup: $(STAMP)
 
@@ -33,9 +33,20 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m taps_fast.bench $(ARGS)
 
-# Layer-level pytest-benchmark suite (plain / authors' style / taps, gate open and closed).
+# Layer-level pytest-benchmark suites (plain / authors' style / taps, gate open and closed; the
+# ViT-B projection shapes against the floor).
 bench-layers: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -q
+
+# Kernel suite: ViT-B projections, small M, ResNet-50 convs against the floor and the machine's
+# measured bandwidth and matmul rate (CUDA: the Triton kernels, do_bench, CUDA-graph stacks).
+bench-kernels: $(STAMP)
+	$(PY) -m taps_fast.bench --suite kernels $(ARGS)
+
+# Static GPU check, no GPU needed: compile every Triton kernel config for sm_80/sm_90 and fail on
+# a register spill or a matmul without wgmma on sm_90.
+check-kernels: $(STAMP)
+	$(PY) -m taps_fast.info --kernels
 
 info: $(STAMP)
 	$(PY) -m taps_fast.info

@@ -21,7 +21,8 @@ no optimizer step. Inference is model.eval() under torch.inference_mode(). The p
 model and mode are timed interleaved (one step of each in turn per repeat), so slow drifts of
 the machine (thermal, other processes) hit every provider alike; each repeat is one step.
 
-Suites: "models" (the above). Others are added to :data:`SUITES`.
+Suites: "models" (the above); "kernels" (layer shapes against the floor and the machine's
+ceilings: taps_fast/bench_kernels.py). Others are added to :data:`SUITES`.
 """
 from __future__ import annotations
 
@@ -435,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "inference); prints a table and writes JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--suite", choices=sorted(SUITES), default="models", help="what to benchmark")
+    p.add_argument("--suite", choices=sorted(SUITES) + ["kernels"], default="models",
+                   help="what to benchmark; 'kernels' is the layer-kernel suite (taps_fast/bench_kernels.py, "
+                        "its own options: --suite kernels --help)")
     p.add_argument("--models", type=_csv, default=",".join(DEFAULT_MODELS),
                    help="comma-separated timm model names (random weights, nothing is downloaded)")
     p.add_argument("--modes", type=_csv, default=",".join(MODES), help="comma-separated: train, infer")
@@ -509,6 +512,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import dispatch
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--suite=kernels",) for a in argv) or any(
+            a == "--suite" and i + 1 < len(argv) and argv[i + 1] == "kernels" for i, a in enumerate(argv)):
+        from . import bench_kernels
+
+        return bench_kernels.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)

@@ -62,3 +62,20 @@ def test_cli_forwards(capsys):
     assert "reference" in capsys.readouterr().out
     assert cli.main([]) == 0
     assert cli.main(["nope"]) == 2
+
+
+def test_kernels_suite_quick(tmp_path):
+    """taps-fast bench --suite kernels: every group and provider, ratios to the floor, ceilings."""
+    import json
+
+    from taps_fast import bench
+
+    out = tmp_path / "k.json"
+    assert bench.main(["--suite", "kernels", "--quick", "--quiet", "--repeats", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    assert {r["group"] for r in rows} == {"vit-b", "small-M", "resnet50-conv"}
+    assert {r["provider"] for r in rows} == {"floor", "authors", "taps"}
+    assert all(r["ratio_to_floor"] > 0 and r["GBps"] > 0 for r in rows)
+    assert all(r["ratio_to_floor"] == 1.0 for r in rows if r["provider"] == "floor")
+    assert rec["ceilings"]["bandwidth_GBps"] > 0 and rec["ceilings"]["matmul_TFLOPs"] > 0

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything a lent GPU is for, in one call of the device tool (its image: torch 2.11, triton 3.6,
+# Python 3.12, no network):
+#   run(command="bash benchmarks/gpu_session.sh")
+# Results land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export TAPS_FAST_NO_EXT=${TAPS_FAST_NO_EXT:-0}
+pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
+{
+  date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  python -m taps_fast.info
+} > "$OUT/gpu_info.txt" 2>&1
+# GPU tests: the interpreter-tier tests run on the GPU, plus the large shapes and bf16.
+python -m pytest tests/test_triton.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+echo "tests rc=$?" >> "$OUT/gpu_tests.txt"
+python -m taps_fast.bench --suite kernels --quiet --out "$OUT/kernels_cuda.json" > "$OUT/kernels_cuda.txt" 2>&1
+echo "kernels rc=$?" >> "$OUT/kernels_cuda.txt"
+python -m taps_fast.bench --quiet --batch 64 --resolution 224 --out "$OUT/bench_cuda.json" > "$OUT/bench_cuda.txt" 2>&1
+echo "models rc=$?" >> "$OUT/bench_cuda.txt"
+tail -n 3 "$OUT"/*.txt
