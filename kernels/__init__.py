@@ -1,6 +1,12 @@
 """Triton kernels of taps_fast, installed as ``taps_fast.kernels``.
 
-Empty until the Triton issue lands: the fused gated linear and conv2d kernels (forward and
-backward) and the multi-task kernels go here, one file per op, each beside its launcher.
-Nothing here may import triton at package import time: the package must import without it.
+- ``linear.py``: the gated linear forward (also dx on the transposed weight) and the one-pass
+  weight-gradient kernel (dΔW, ds, dW, db), with their launchers;
+- ``conv.py``: the implicit-GEMM conv2d forward, dx and weight-gradient kernels and launchers;
+- ``_common.py``: the gate, the tile configs per element size, the shared weight-gradient
+  epilogue and the split-reduction epilogue kernel.
+
+The ops in taps_fast/ops reach these through the "triton" backend (taps_fast/ops/triton_backend.py).
+Nothing here is imported at package import time: taps_fast imports without triton, and
+TRITON_INTERPRET must be set before these modules are first imported.
 """

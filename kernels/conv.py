@@ -230,6 +230,8 @@ def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Se
     geo = _geometry(x, weight, stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     y = alloc((B, OC, OH, OW), x.dtype, x.device, memory_format)
+    if y.numel() == 0:  # an empty batch: nothing to launch
+        return y
     M = B * OH * OW
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_fwd_kernel[grid](
@@ -245,6 +247,8 @@ def conv2d_dgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
     geo = _geometry(x, weight, stride, padding, dilation)
     B, C, H, W = x.shape
     dx = alloc_like(x)  # x's memory format (preserve_format)
+    if dx.numel() == 0:
+        return dx
     M = B * H * W
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_dgrad_kernel[grid](

@@ -150,7 +150,7 @@ def num_sms(device: torch.device) -> int:
 def pick_split(tiles: int, red: int, min_chunk: int, sms: int, cap: int = 32) -> int:
     """Split a reduction of length ``red`` when ``tiles`` output tiles (counted at 128x128)
     cannot fill ``sms`` SMs, keeping at least ``min_chunk`` of the reduction per program."""
-    if tiles >= sms:
+    if tiles == 0 or tiles >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, tiles), red // min_chunk, cap))
 
@@ -187,6 +187,8 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, score
     if split_k is None:
         split_k = pick_split(triton.cdiv(M, 128) * triton.cdiv(N, 128), K, 128, num_sms(x.device))
     y = alloc((M, N), x.dtype, x.device)
+    if y.numel() == 0:  # an empty batch: nothing to launch (a zero-size grid)
+        return y
     if split_k == 1:
         out, has_bias, sys = y, bias is not None, 0
     else:

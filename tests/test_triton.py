@@ -255,6 +255,9 @@ def test_opcheck_triton():
         torch.library.opcheck(torch.ops.taps_fast.linear_backward.default,
                               (torch.randn(3, 5, device=DEV), x.detach(), w, d.detach(), s.detach(), 0.1,
                                True, True, True, True, True))
+        torch.library.opcheck(torch.ops.taps_fast.conv2d_backward.default,
+                              (torch.randn(2, 4, 4, 4, device=DEV), xc.detach(), wc, dc.detach(), s.detach(),
+                               [2, 2], [1, 1], [1, 1], 1, 0.1, True, True, True, True, True))
 
 
 @pytest.mark.parametrize("name, res, kw", [("test_resnet", 32, {}), ("test_vit", 32, {"img_size": 32})],
@@ -278,6 +281,39 @@ def test_compiled_timm_model_matches_eager(name, res, kw):
     assert_rel_close(eager, want.double(), torch.float16 if CUDA else torch.float32, "triton eager")
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)
     compiled(x).sum().backward()  # the backward traces too
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_empty_batch(layer):
+    """A zero-row batch launches nothing and gives zero gradients (the grid would be empty)."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        m, x = taps_fast.TAPSLinear(5, 3).to(DEV), torch.randn(0, 5, device=DEV, requires_grad=True)
+    else:
+        m, x = taps_fast.TAPSConv2d(3, 4, 3).to(DEV), torch.randn(0, 3, 6, 6, device=DEV, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape[0] == 0 and float(m.score.grad) == 0 and torch.count_nonzero(m.delta.grad) == 0
+
+
+def test_autocast_matches_reference_under_autocast():
+    """Under torch.autocast the op casts as autocast casts F.linear / F.conv2d; the Triton kernels
+    then see fp16 inputs and must match the reference path under the same autocast."""
+    torch.manual_seed(0)
+    lin = taps_fast.TAPSLinear(17, 9).to(DEV)
+    conv = taps_fast.TAPSConv2d(3, 5, 3, padding=1).to(DEV)
+    for m in (lin, conv):
+        with torch.no_grad():
+            m.delta.normal_(0, 0.1)
+    xs = (torch.randn(6, 17, device=DEV), torch.randn(2, 3, 7, 7, device=DEV))
+    dt = torch.float16
+    for m, x in zip((lin, conv), xs):
+        with torch.autocast(DEV.type, dtype=dt):
+            got = m(x)
+            with dispatch.use_backend("reference"):
+                want = m(x)
+        assert got.dtype == want.dtype == dt
+        assert_rel_close(got, want.double(), dt, f"autocast {type(m).__name__}")
 
 
 def test_cpu_default_stays_reference():
@@ -357,3 +393,19 @@ def test_static_check_flags_a_spill():
     p = kernel_check.problems(row)
     assert any("spills" in x for x in p) and any("HGMMA" in x for x in p)
     assert kernel_check.problems(dict(row, local=0, hgmma=True)) == []
+
+
+def test_imports_and_falls_back_without_triton():
+    """Without triton the package imports, the reference path serves, and the triton backend says
+    why it cannot."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, taps_fast\n"
+            "from taps_fast import dispatch\n"
+            "r = dispatch.reasons('linear_fwd', device=torch.device('cpu'), dtype=torch.float32)\n"
+            "print(r['triton']); m = taps_fast.TAPSLinear(3, 2); m(torch.randn(1, 3)).sum().backward()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "triton is not installed" in r.stdout
