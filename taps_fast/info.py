@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="static GPU check instead: compile every Triton kernel for sm_80/sm_90 at every "
                         "autotune config and report registers, shared/local memory and HGMMA use; "
                         "exits 1 on a spill or a matmul without HGMMA on sm_90 (needs no GPU)")
-    p.add_argument("--dtypes", default=None, help="with --kernels: fp16,bf16,tf32 (default fp16,tf32)")
+    p.add_argument("--dtypes", default=None, help="with --kernels: fp16,bf16,tf32 (default: all three)")
     p.add_argument("--archs", default=None, help="with --kernels: e.g. 80,90 (the default)")
     args = p.parse_args(argv)
     if args.kernels:

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 ARCHS = (80, 90)
 DTYPES = {"fp16": "fp16", "bf16": "bf16", "tf32": "fp32"}  # name -> Triton pointer element type
-DEFAULT_DTYPES = ("fp16", "tf32")  # bf16 compiles to the same tiles as fp16 (add --dtypes bf16)
+# All three: bf16 is not a copy of fp16 (its converts differ; one config spilled in bf16 only).
+DEFAULT_DTYPES = ("fp16", "bf16", "tf32")
 
 
 @dataclass
