@@ -110,6 +110,7 @@ def prune_by_dtype(arg: str):
         keep = [c for c in configs if getattr(c, "taps_elem_size", size) == size]
         return keep or configs
 
+    prune.arg = arg  # checked against the kernel's arguments by the tests
     return prune
 
 

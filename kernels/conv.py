@@ -95,7 +95,7 @@ def _taps_conv2d_fwd_kernel(
 
 
 @triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+                 prune_configs_by={"early_config_prune": prune_by_dtype("dy_ptr")})
 @triton.jit
 def _taps_conv2d_dgrad_kernel(
     dy_ptr, w_ptr, d_ptr, s_ptr, dx_ptr,

@@ -409,3 +409,23 @@ def test_imports_and_falls_back_without_triton():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "triton is not installed" in r.stdout
+
+
+def test_autotuners_prune_by_an_existing_argument():
+    """The configs are pruned by the element size of a named tensor argument. The interpreter's
+    single config never calls the prune function, so check every autotuner statically: the
+    argument exists, and pruning keeps exactly the configs of that element size."""
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+
+    tuners = [(n, getattr(mod, n)) for mod in (klinear, kconv) for n in dir(mod)
+              if isinstance(getattr(mod, n), Autotuner)]
+    assert len(tuners) == 5
+    for name, at in tuners:
+        prune = at.early_config_prune
+        assert prune.arg in at.fn.arg_names, f"{name}: prunes by {prune.arg!r}, not an argument"
+        cfgs = [types.SimpleNamespace(taps_elem_size=s) for s in (2, 2, 4)]
+        for dtype, n in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 1)):
+            kept = prune(cfgs, {prune.arg: torch.empty(1, dtype=dtype)})
+            assert len(kept) == n and all(c.taps_elem_size == torch.empty(0, dtype=dtype).element_size() for c in kept)
