@@ -15,8 +15,10 @@ Numerics
 """
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -67,8 +69,6 @@ POISON_OUTPUTS = False
 
 def alloc(shape, dtype, device, memory_format=None):
     """torch.empty for kernel outputs and workspaces (NaN-filled when POISON_OUTPUTS is set)."""
-    import torch
-
     kw = {} if memory_format is None else {"memory_format": memory_format}
     t = torch.empty(shape, dtype=dtype, device=device, **kw)
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
@@ -76,8 +76,6 @@ def alloc(shape, dtype, device, memory_format=None):
 
 def alloc_like(t):
     """alloc with t's shape, dtype, device and memory format (torch.empty_like's preserve_format)."""
-    import torch
-
     out = torch.empty_like(t)
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
@@ -117,8 +115,6 @@ def prune_by_dtype(arg: str):
 def dot_precision(dtype) -> str:
     """tl.dot input_precision for an input dtype: tf32 for fp32 on a GPU, ieee in the interpreter
     (where tf32 is not emulated and the tests compare with fp64); ignored for 16-bit inputs."""
-    import torch
-
     if dtype == torch.float32 and not INTERPRET:
         return "tf32"
     return "ieee"
@@ -144,6 +140,14 @@ def grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
     a = first + ((pid % width) % size)
     b = (pid % width) // size
     return a, b
+
+
+@triton.jit
+def split_range(total, pid_s, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """[lo, hi) of the reduction that split pid_s of SPLIT owns: whole BLOCKs, the last short."""
+    per = tl.cdiv(tl.cdiv(total, SPLIT), BLOCK) * BLOCK
+    lo = pid_s * per
+    return lo, tl.minimum(total, lo + per)
 
 
 @triton.jit
@@ -198,3 +202,66 @@ def _taps_wgrad_split_epilogue_kernel(
                    pid_n * tl.num_programs(1) + pid_k,
                    s0, s1, s2, s3, ds0, ds1, ds2, ds3, ws0, ws1, ws2, ws3,
                    NEEDS_DDELTA, NEEDS_DWEIGHT, NEEDS_DSCORE)
+
+
+# ----------------------------------------------------------------------------- launcher helpers
+# Shared by the linear and conv launchers.
+GROUP = 8  # grouped tile order: 8 rows of tiles per group (L2 reuse of the operand tiles)
+
+
+def num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter: no parallelism to fill
+
+
+def pick_split(tiles: int, red: int, min_chunk: int, sms: int, cap: int = 32) -> int:
+    """Split a reduction of length ``red`` when ``tiles`` output tiles (counted at 128x128)
+    cannot fill ``sms`` SMs, keeping at least ``min_chunk`` of the reduction per program."""
+    if tiles == 0 or tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), red // min_chunk, cap))
+
+
+def max_tiles(a: int, b: int, tiles, per_tap=None) -> int:
+    """Upper bound, over the configs ``tiles``, on the tile count of an [a, b] output, or with
+    per_tap = (taps, C), of a conv G whose columns are tiled per tap (for the ds partials)."""
+    if INTERPRET:
+        tiles = INTERPRET_TILES
+    if per_tap is None:
+        return max(triton.cdiv(a, t[0]) * triton.cdiv(b, t[1]) for t in tiles)
+    return max(triton.cdiv(a, t[0]) * per_tap[0] * triton.cdiv(per_tap[1], t[1]) for t in tiles)
+
+
+def threshold_in(score, threshold: float) -> float:
+    """τ rounded to the score's dtype (torch compares s >= τ in s's dtype)."""
+    return _rounded(float(threshold), score.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded(threshold: float, dtype) -> float:
+    # Cached: a tensor round trip per launch would cost more host time than the rest of the
+    # launcher on small layers.
+    return float(torch.tensor(threshold, dtype=dtype))
+
+
+def finish_wgrad(ws, score, delta, ddelta, dweight, part, split, N, K, C, KW, threshold,
+                 strides_d, strides_dd, strides_dw, needs_ddelta, needs_dweight, needs_dscore):
+    """Run the split epilogue (when split > 1) and return ds (0-dim fp32) or None."""
+    if split > 1:
+        grid = (triton.cdiv(N, EPI_N), triton.cdiv(K, EPI_K))
+        _taps_wgrad_split_epilogue_kernel[grid](
+            ws, score, delta, ddelta, dweight, part, N, K, C, KW, split,
+            threshold_in(score, threshold), *strides_d, *strides_dd, *strides_dw,
+            NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,
+            BLOCK_N=EPI_N, BLOCK_K=EPI_K,
+        )
+    return part.sum() if needs_dscore else None  # fixed-order sum of the tile partials
+
+
+def ds_partials(N: int, K: int, split: int, device, per_tap=None):
+    if split > 1:
+        n = triton.cdiv(N, EPI_N) * triton.cdiv(K, EPI_K)
+    else:
+        n = max_tiles(N, K, all_tiles(CONV_TILES if per_tap else WGRAD_TILES), per_tap)
+    return torch.zeros(n, dtype=torch.float32, device=device)  # tiles a config does not use add 0

@@ -28,14 +28,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import CONV_TILES, alloc, alloc_like, dot_precision, prune_by_dtype, gate, grouped_tile, mm_configs, wgrad_epilogue
-from .linear import (
+from ._common import (
+    CONV_TILES,
     GROUP,
-    _threshold_in,
+    alloc,
+    alloc_like,
+    dot_precision,
     ds_partials,
     finish_wgrad,
+    gate,
+    grouped_tile,
+    mm_configs,
     num_sms,
     pick_split,
+    prune_by_dtype,
+    split_range,
+    threshold_in,
+    wgrad_epilogue,
 )
 
 _KEY = ["B", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"]
@@ -173,9 +182,7 @@ def _taps_conv2d_wgrad_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c = (pid_k % num_c) * BLOCK_K + tl.arange(0, BLOCK_K)
     cm = c < C
-    r_per = tl.cdiv(tl.cdiv(R, SPLIT), BLOCK_R) * BLOCK_R
-    r_lo = pid_s * r_per
-    r_hi = tl.minimum(R, r_lo + r_per)
+    r_lo, r_hi = split_range(R, pid_s, SPLIT, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     db = tl.zeros((BLOCK_N,), tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_R):
@@ -236,7 +243,7 @@ def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Se
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_fwd_kernel[grid](
         x, weight, delta, score, bias if bias is not None else x, y,
-        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
         *x.stride(), *weight.stride(), *delta.stride(), *y.stride(),
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -253,7 +260,7 @@ def conv2d_dgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_dgrad_kernel[grid](
         dy, weight, delta, score, dx,
-        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
         *dy.stride(), *weight.stride(), *delta.stride(), *dx.stride(),
         PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -280,7 +287,7 @@ def conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
     grid = lambda meta: (triton.cdiv(OC, meta["BLOCK_N"]) * KH * KW * triton.cdiv(C, meta["BLOCK_K"]), split)  # noqa: E731
     _taps_conv2d_wgrad_kernel[grid](
         dy, x, score, delta, dd, dw, part, ws, dbp,
-        *geo, _threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
         *dy.stride(), *x.stride(), *delta.stride(), *dd.stride(), *dw.stride(),
         NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,
         HAS_DBIAS=needs_dbias, SPLIT=split, PREC=dot_precision(x.dtype), GROUP_M=GROUP,

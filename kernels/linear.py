@@ -27,26 +27,23 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    EPI_K,
-    EPI_N,
-    INTERPRET,
-    CONV_TILES,
     FWD_TILES,
-    INTERPRET_TILES,
+    GROUP,
     WGRAD_TILES,
-    _taps_wgrad_split_epilogue_kernel,
     alloc,
-    all_tiles,
-    prune_by_dtype,
     dot_precision,
+    ds_partials,
+    finish_wgrad,
     gate,
     grouped_tile,
     mm_configs,
+    num_sms,
+    pick_split,
+    prune_by_dtype,
+    split_range,
+    threshold_in,
     wgrad_epilogue,
 )
-
-GROUP = 8
-
 
 @triton.autotune(configs=mm_configs(FWD_TILES), key=["M", "N", "K", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
@@ -69,9 +66,7 @@ def _taps_linear_fwd_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_s * k_per
-    k_hi = tl.minimum(K, k_lo + k_per)
+    k_lo, k_hi = split_range(K, pid_s, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
@@ -113,9 +108,7 @@ def _taps_linear_wgrad_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rr = tl.arange(0, BLOCK_R)
-    r_per = tl.cdiv(tl.cdiv(M, SPLIT), BLOCK_R) * BLOCK_R
-    r_lo = pid_s * r_per
-    r_hi = tl.minimum(M, r_lo + r_per)
+    r_lo, r_hi = split_range(M, pid_s, SPLIT, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     db = tl.zeros((BLOCK_N,), tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_R):
@@ -141,35 +134,6 @@ def _taps_linear_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: no parallelism to fill
-
-
-def pick_split(tiles: int, red: int, min_chunk: int, sms: int, cap: int = 32) -> int:
-    """Split a reduction of length ``red`` when ``tiles`` output tiles (counted at 128x128)
-    cannot fill ``sms`` SMs, keeping at least ``min_chunk`` of the reduction per program."""
-    if tiles == 0 or tiles >= sms:
-        return 1
-    return max(1, min(triton.cdiv(sms, tiles), red // min_chunk, cap))
-
-
-def max_tiles(a: int, b: int, tiles, per_tap=None) -> int:
-    """Upper bound, over the configs ``tiles``, on the tile count of an [a, b] output, or with
-    per_tap = (taps, C), of a conv G whose columns are tiled per tap (for the ds partials)."""
-    if INTERPRET:
-        tiles = INTERPRET_TILES
-    if per_tap is None:
-        return max(triton.cdiv(a, t[0]) * triton.cdiv(b, t[1]) for t in tiles)
-    return max(triton.cdiv(a, t[0]) * per_tap[0] * triton.cdiv(per_tap[1], t[1]) for t in tiles)
-
-
-def _threshold_in(score: torch.Tensor, threshold: float) -> float:
-    """τ rounded to the score's dtype (torch compares s >= τ in s's dtype)."""
-    return float(torch.tensor(threshold, dtype=score.dtype))
-
-
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, score: torch.Tensor,
                bias: Optional[torch.Tensor], threshold: float, split_k: Optional[int] = None,
                transpose_weight: bool = False) -> torch.Tensor:
@@ -197,7 +161,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, score
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     _taps_linear_fwd_kernel[grid](
         x, weight, delta, score, bias if has_bias else x, out,
-        M, N, K, _threshold_in(score, threshold),
+        M, N, K, threshold_in(score, threshold),
         x.stride(0), x.stride(1), swn, swk, sdn, sdk, out.stride(-2), out.stride(-1), sys,
         HAS_BIAS=has_bias, SPLIT_K=split_k, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -207,28 +171,6 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, score
             acc += bias.float()
         y.copy_(acc)
     return y
-
-
-def finish_wgrad(ws, score, delta, ddelta, dweight, part, split, N, K, C, KW, threshold,
-                 strides_d, strides_dd, strides_dw, needs_ddelta, needs_dweight, needs_dscore):
-    """Run the split epilogue (when split > 1) and return ds (0-dim fp32) or None."""
-    if split > 1:
-        grid = (triton.cdiv(N, EPI_N), triton.cdiv(K, EPI_K))
-        _taps_wgrad_split_epilogue_kernel[grid](
-            ws, score, delta, ddelta, dweight, part, N, K, C, KW, split,
-            _threshold_in(score, threshold), *strides_d, *strides_dd, *strides_dw,
-            NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,
-            BLOCK_N=EPI_N, BLOCK_K=EPI_K,
-        )
-    return part.sum() if needs_dscore else None  # fixed-order sum of the tile partials
-
-
-def ds_partials(N: int, K: int, split: int, device, per_tap=None) -> torch.Tensor:
-    if split > 1:
-        n = triton.cdiv(N, EPI_N) * triton.cdiv(K, EPI_K)
-    else:
-        n = max_tiles(N, K, all_tiles(CONV_TILES if per_tap else WGRAD_TILES), per_tap)
-    return torch.zeros(n, dtype=torch.float32, device=device)  # tiles a config does not use add 0
 
 
 def linear_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor,
@@ -252,7 +194,7 @@ def linear_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, delta:
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), split)  # noqa: E731
     _taps_linear_wgrad_kernel[grid](
         dy, x, score, delta, dd, dw, part, ws, dbp,
-        M, N, K, _threshold_in(score, threshold),
+        M, N, K, threshold_in(score, threshold),
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         delta.stride(0), delta.stride(1), dd.stride(0), dd.stride(1), dw.stride(0), dw.stride(1),
         NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,

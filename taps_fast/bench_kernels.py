@@ -59,14 +59,17 @@ def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]]
     return lambda fn: time_fn(fn, repeats, warmup=1).median
 
 
+def _copy_ms(n: int, device: torch.device, t: Callable) -> float:
+    """Time of copying n fp32 elements device to device (the buffers are freed on return)."""
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return t(lambda: dst.copy_(src))
+
+
 def ceilings(device: torch.device, t: Callable) -> Dict[str, float]:
     """Measured memory bandwidth (GB/s, from a copy) and matmul rate (TFLOP/s)."""
     n_copy = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
-    src = torch.empty(n_copy, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    ms = t(lambda: dst.copy_(src))
-    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
-    del src, dst
+    bw = 2 * n_copy * 4 / (_copy_ms(n_copy, device, t) * 1e-3) / 1e9
     if device.type == "cuda":
         n, dt = 8192, torch.bfloat16
     else:
@@ -203,9 +206,10 @@ def graph_stack_forward(M, N, K, dtype, device, t, l2_bytes: int) -> Dict[str, d
         with torch.cuda.stream(stream):
             fn(0)
             with torch.cuda.graph(graph, stream=stream):
-                outs = [fn(i) for i in range(L)]  # noqa: F841  (kept alive by the graph pool)
+                outs = [fn(i) for i in range(L)]  # distinct outputs, alive while timed
         torch.cuda.current_stream().wait_stream(stream)
         ms = t(graph.replay) / L
+        del outs
         bytes_ = (M * K + N * K * (2 if name == "taps" else 1) + M * N) * esz
         res[name] = dict(ms=ms, bytes=bytes_, layers=L)
     return res

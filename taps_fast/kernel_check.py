@@ -59,13 +59,14 @@ def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _jit_fn(spec: Spec):
+def _kernel(spec: Spec):
+    """(the JITFunction, its Autotuner or None)."""
     import importlib
 
     from triton.runtime.autotuner import Autotuner
 
     obj = getattr(importlib.import_module(f"taps_fast.kernels.{spec.module}"), spec.name)
-    return obj.fn if isinstance(obj, Autotuner) else obj  # an Autotuner wraps the JITFunction
+    return (obj.fn, obj) if isinstance(obj, Autotuner) else (obj, None)  # an Autotuner wraps the JITFunction
 
 
 def _signature(fn, spec: Spec, elem: str, constexprs: Dict[str, object]) -> Dict[str, str]:
@@ -95,7 +96,7 @@ def compile_one(job) -> dict:
     from triton.compiler import ASTSource
 
     spec = SPECS[spec_i]
-    fn = _jit_fn(spec)
+    fn, _ = _kernel(spec)
     cx = dict(spec.constexprs)
     warps, stages = 4, 1
     if tile is not None:
@@ -130,15 +131,11 @@ def compile_one(job) -> dict:
 def autotune_tiles(spec: Spec, dtype: str) -> list:
     """The (BM, BN, BK, warps, stages) of every config the kernel's autotuner can choose for
     inputs of this dtype (the configs are made per element size, see kernels/_common.py)."""
-    import importlib
-
-    from triton.runtime.autotuner import Autotuner
-
-    obj = getattr(importlib.import_module(f"taps_fast.kernels.{spec.module}"), spec.name)
-    if not isinstance(obj, Autotuner):
+    _, tuner = _kernel(spec)
+    if tuner is None:
         return [None]
     size = 4 if dtype == "tf32" else 2
-    return [tuple(c.kwargs[k] for k in spec.tiles) + (c.num_warps, c.num_stages) for c in obj.configs
+    return [tuple(c.kwargs[k] for k in spec.tiles) + (c.num_warps, c.num_stages) for c in tuner.configs
             if getattr(c, "taps_elem_size", size) == size]
 
 

@@ -42,16 +42,20 @@ def _triton_poisoned(monkeypatch):
         yield
 
 
+def _bound_dtype(dtype):
+    """The dtype whose error bound applies: on a GPU fp32 runs in TF32 (10-bit mantissa, like
+    fp16's)."""
+    return torch.float16 if (CUDA and dtype == torch.float32) else dtype
+
+
 def _bound(dtype):
-    # On a GPU fp32 runs in TF32 (10-bit mantissa, like fp16's).
-    return RTOL[torch.float16] if (CUDA and dtype == torch.float32) else RTOL[dtype]
+    return RTOL[_bound_dtype(dtype)]
 
 
 def assert_ds_close(actual, g, delta, expected, dtype, what="ds"):
     """ds = Σ G∘ΔW may cancel: its error is measured against Σ|G∘ΔW|."""
     scale = (g.double() * delta.double()).abs().sum().reshape(1)
-    assert_scaled_close(actual.reshape(1), expected.double().reshape(1), scale,
-                        torch.float16 if (CUDA and dtype == torch.float32) else dtype, what)
+    assert_scaled_close(actual.reshape(1), expected.double().reshape(1), scale, _bound_dtype(dtype), what)
 
 
 def _grads(out, dy, tensors):
@@ -83,7 +87,7 @@ def _oracle(fn, inputs, dy, n_leaves):
 
 
 def _check(tag, got, want, scale, is_open, dtype, names):
-    bound_dtype = torch.float16 if (CUDA and dtype == torch.float32) else dtype  # TF32
+    bound_dtype = _bound_dtype(dtype)
     for name, a, e, sc in zip(names, got, want, scale):
         if name == "dΔW" and not is_open:
             assert torch.count_nonzero(a) == 0, f"{tag}: dΔW must be zero with the gate closed"

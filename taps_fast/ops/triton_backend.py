@@ -84,6 +84,18 @@ def why_not(op: str, device: torch.device, dtype: torch.dtype, groups: int = 1, 
 
 
 # ----------------------------------------------------------------------------- kernels
+def _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db):
+    """The backward op's five outputs: each gradient, or an empty placeholder where not asked
+    for (custom ops cannot return None); ds in the score's dtype."""
+    return (
+        dx if dx is not None else empty0(x),
+        dw if dw is not None else empty0(weight),
+        dd if dd is not None else empty0(delta),
+        ds.to(score.dtype) if ds is not None else empty0(score),
+        db if db is not None else empty0(dy),
+    )
+
+
 def linear_fwd(x, weight, delta, score, bias, threshold):
     from ..kernels.linear import linear_fwd as launch
 
@@ -105,13 +117,7 @@ def linear_bwd(dy, x, weight, delta, score, threshold, needs_dx, needs_dweight, 
     if needs_dweight or needs_ddelta or needs_dscore or needs_dbias:
         dw, dd, ds, db = linear_wgrad(dy2, x2, weight, delta, score, threshold, needs_dweight,
                                       needs_ddelta, needs_dscore, needs_dbias)
-    return (
-        dx if dx is not None else empty0(x),
-        dw if dw is not None else empty0(weight),
-        dd if dd is not None else empty0(delta),
-        ds.to(score.dtype) if ds is not None else empty0(score),
-        db if db is not None else empty0(dy),
-    )
+    return _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db)
 
 
 def conv2d_fwd(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
@@ -132,13 +138,7 @@ def conv2d_bwd(dy, x, weight, delta, score, stride, padding, dilation, groups, t
     if needs_dweight or needs_ddelta or needs_dscore or needs_dbias:
         dw, dd, ds, db = conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation,
                                       threshold, needs_dweight, needs_ddelta, needs_dscore, needs_dbias)
-    return (
-        dx if dx is not None else empty0(x),
-        dw if dw is not None else empty0(weight),
-        dd if dd is not None else empty0(delta),
-        ds.to(score.dtype) if ds is not None else empty0(score),
-        db if db is not None else empty0(dy),
-    )
+    return _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db)
 
 
 KERNELS = {
