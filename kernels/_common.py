@@ -265,3 +265,39 @@ def ds_partials(N: int, K: int, split: int, device, per_tap=None):
     else:
         n = max_tiles(N, K, all_tiles(CONV_TILES if per_tap else WGRAD_TILES), per_tap)
     return torch.zeros(n, dtype=torch.float32, device=device)  # tiles a config does not use add 0
+
+
+# ----------------------------------------------------------------------------- multi-task batches
+# A mixed batch: every row (linear) or sample (conv) carries a task id, -1 for the base model.
+# Per layer the tasks that opened it share one stacked delta tensor deltas[S, *W.shape]; slot[t]
+# is task t's index into it (-1: no delta here), scores[t] / thresholds[t] its gate (thresholds
+# in the scores' dtype, so the fp32 comparison in a kernel equals torch's).
+def group_rows(task_idx: torch.Tensor, num_tasks: int):
+    """Rows grouped by task, built on the device with no host synchronisation.
+
+    Returns (order, seg_start, seg_count), int32: ``order`` is a stable argsort of the ids, so
+    segment j = rows order[seg_start[j] : seg_start[j] + seg_count[j]] in their original order;
+    segment 0 holds the base rows (id -1), segment t + 1 task t's. Ids outside [-1, num_tasks)
+    fall in no segment (callers validate ids first). torch.bincount would sync (it reads the
+    largest id to size its output); searchsorted over the sorted ids does not.
+    """
+    key = task_idx.to(torch.int64)
+    order = torch.argsort(key, stable=True)
+    edges = torch.arange(-1, num_tasks + 1, device=key.device, dtype=torch.int64)
+    bounds = torch.searchsorted(key[order], edges)  # first sorted position of each id, [T + 2]
+    return order.to(torch.int32), bounds[:-1].to(torch.int32), (bounds[1:] - bounds[:-1]).to(torch.int32)
+
+
+@triton.jit
+def task_gate(task, slot_ptr, s_ptr, thr_ptr):
+    """Gate of task ``task`` (a scalar, -1 = base) on this layer: (slot, is_open, poison).
+    Open iff task >= 0, slot[task] >= 0 and s[task] >= thr[task]; slot is -1 when closed so the
+    callers' ΔW bounds predicate every delta load off; poison = s - s as in ``gate``."""
+    t = tl.maximum(task, 0)
+    has_task = task >= 0
+    slot = tl.load(slot_ptr + t)
+    s = tl.load(s_ptr + t).to(tl.float32)
+    thr = tl.load(thr_ptr + t).to(tl.float32)
+    is_open = has_task & (slot >= 0) & (s >= thr)
+    poison = tl.where(has_task, s - s, 0.0)
+    return tl.where(is_open, slot, -1), is_open, poison

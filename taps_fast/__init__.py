@@ -2,7 +2,8 @@
 
 Drop-in gated layers (:class:`TAPSLinear`, :class:`TAPSConv2d`), whole-model conversion
 (:func:`convert`), the training helpers (:func:`sparsity_penalty`, :func:`freeze_gates`,
-:func:`summary`), task checkpoints (:func:`save_task`, :func:`load_task`) and :func:`merge`.
+:func:`summary`), task checkpoints (:func:`save_task`, :func:`load_task`), :func:`merge`, and
+:class:`MultiTaskModel` (many tasks on one base in one mixed batch).
 """
 import logging as _logging
 
@@ -11,7 +12,17 @@ from .checkpoint import TaskFileError, base_fingerprint, load_task, save_task
 from .convert import convert, is_norm, merge, taps_layers
 from .dispatch import NoBackendError, backend_names, use_backend
 from .modules import DEFAULT_INIT_SCORE, DEFAULT_THRESHOLD, TAPSConv2d, TAPSLinear
-from .ops import taps_conv2d, taps_conv2d_ref, taps_linear, taps_linear_ref
+from .multitask import MultiTaskModel
+from .ops import (
+    taps_conv2d,
+    taps_conv2d_ref,
+    taps_linear,
+    taps_linear_ref,
+    taps_mt_conv2d,
+    taps_mt_conv2d_ref,
+    taps_mt_linear,
+    taps_mt_linear_ref,
+)
 from .training import Summary, freeze_gates, sparsity_penalty, summary
 
 _logging.getLogger("taps_fast").addHandler(_logging.NullHandler())
@@ -21,5 +32,6 @@ __all__ = [
     "taps_conv2d_ref", "convert", "merge", "taps_layers", "is_norm", "sparsity_penalty",
     "freeze_gates", "summary", "Summary", "save_task", "load_task", "base_fingerprint",
     "TaskFileError", "use_backend", "backend_names", "NoBackendError", "DEFAULT_THRESHOLD",
-    "DEFAULT_INIT_SCORE",
+    "DEFAULT_INIT_SCORE", "MultiTaskModel", "taps_mt_linear", "taps_mt_conv2d", "taps_mt_linear_ref",
+    "taps_mt_conv2d_ref",
 ]

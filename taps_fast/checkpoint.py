@@ -45,15 +45,21 @@ def _bytes(t: Tensor) -> memoryview:
 def base_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the gated layers' names, shapes, dtypes and base weights (which TAPS never
     changes): a task file made for one base refuses to load into another."""
+    fp = fingerprint_of((name, m.weight) for name, m in taps_layers(model))
+    if fp is None:
+        raise ValueError(f"{type(model).__name__} has no TAPS layers; call taps_fast.convert(model) first")
+    return fp
+
+
+def fingerprint_of(weights: Iterable[Tuple[str, Tensor]]):
+    """The fingerprint of (gated layer name, base weight) pairs, in order; None if there are none."""
     h = hashlib.sha256()
     n = 0
-    for name, m in taps_layers(model):
-        h.update(f"{name}|{tuple(m.weight.shape)}|{m.weight.dtype}\n".encode())
-        h.update(_bytes(m.weight))
+    for name, w in weights:
+        h.update(f"{name}|{tuple(w.shape)}|{w.dtype}\n".encode())
+        h.update(_bytes(w))
         n += 1
-    if n == 0:
-        raise ValueError(f"{type(model).__name__} has no TAPS layers; call taps_fast.convert(model) first")
-    return h.hexdigest()
+    return h.hexdigest() if n else None
 
 
 def _checksum(tensors: Iterable[Tuple[str, Tensor]]) -> str:
@@ -94,15 +100,21 @@ def task_tensors(model: nn.Module) -> Dict[str, Tensor]:
 def save_task(model: nn.Module, path: PathLike) -> int:
     """Write the task (scores, open deltas, norm layers, head, metadata) to a safetensors file;
     returns its size in bytes. The write is atomic: a crash leaves no half-written file."""
+    thresholds = {n: m.threshold for n, m in taps_layers(model)}
+    return write_task(task_tensors(model), thresholds, base_fingerprint(model), path)
+
+
+def write_task(tensors: Dict[str, Tensor], thresholds: Dict[str, float], fingerprint: str,
+               path: PathLike) -> int:
+    """Write a task's tensors (keys as in the module docstring) atomically; returns the size."""
     from safetensors.torch import save_file
 
-    tensors = {k: t.to("cpu").contiguous().clone() for k, t in task_tensors(model).items()}
-    thresholds = {n: m.threshold for n, m in taps_layers(model)}
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "taps_fast_version": __version__,
-        "base_fingerprint": base_fingerprint(model),
+        "base_fingerprint": fingerprint,
         "thresholds": json.dumps(thresholds, separators=(",", ":")),
         "checksum": _checksum(tensors.items()),
     }
@@ -119,7 +131,7 @@ def save_task(model: nn.Module, path: PathLike) -> int:
     return os.path.getsize(path)
 
 
-def _read(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+def read_task_file(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -162,7 +174,7 @@ def load_task(model: nn.Module, path: PathLike) -> nn.Module:
     dropped); open layers whose delta was dropped get it back.
     """
     path = os.fspath(path)
-    tensors, meta = _read(path)
+    tensors, meta = read_task_file(path)
     layers = dict(taps_layers(model))
     try:
         thresholds = json.loads(meta["thresholds"])

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
-OPS = ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd")
+OPS = ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd",
+       "mt_linear_fwd", "mt_linear_bwd", "mt_conv2d_fwd", "mt_conv2d_bwd")
 ENV_VAR = "TAPS_FAST_BACKEND"
 
 

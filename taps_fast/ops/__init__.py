@@ -7,6 +7,16 @@ from .. import dispatch
 from . import triton_backend
 from .conv import conv2d_bwd_reference, conv2d_fwd_reference, taps_conv2d, taps_conv2d_ref
 from .linear import linear_bwd_reference, linear_fwd_reference, taps_linear, taps_linear_ref
+from .multitask import (
+    mt_conv2d_bwd_reference,
+    mt_conv2d_fwd_reference,
+    mt_linear_bwd_reference,
+    mt_linear_fwd_reference,
+    taps_mt_conv2d,
+    taps_mt_conv2d_ref,
+    taps_mt_linear,
+    taps_mt_linear_ref,
+)
 
 dispatch.register_backend(
     dispatch.Backend(
@@ -16,6 +26,10 @@ dispatch.register_backend(
             "linear_bwd": linear_bwd_reference,
             "conv2d_fwd": conv2d_fwd_reference,
             "conv2d_bwd": conv2d_bwd_reference,
+            "mt_linear_fwd": mt_linear_fwd_reference,
+            "mt_linear_bwd": mt_linear_bwd_reference,
+            "mt_conv2d_fwd": mt_conv2d_fwd_reference,
+            "mt_conv2d_bwd": mt_conv2d_bwd_reference,
         },
         # Pure PyTorch: serves every device, dtype and layout that F.linear / F.conv2d serve.
         why_not=lambda op, **meta: None,
@@ -30,4 +44,5 @@ dispatch.register_backend(  # ahead of "reference"
     )
 )
 
-__all__ = ["taps_linear", "taps_linear_ref", "taps_conv2d", "taps_conv2d_ref"]
+__all__ = ["taps_linear", "taps_linear_ref", "taps_conv2d", "taps_conv2d_ref", "taps_mt_linear",
+           "taps_mt_linear_ref", "taps_mt_conv2d", "taps_mt_conv2d_ref"]

@@ -67,7 +67,7 @@ def why_not(op: str, device: torch.device, dtype: torch.dtype, groups: int = 1, 
     if dtype == torch.bfloat16 and _interpret():
         return "bfloat16 under TRITON_INTERPRET=1: the interpreter's bf16 tl.dot is wrong"
     if dtype == torch.float32 and device.type == "cuda":
-        conv = op.startswith("conv")
+        conv = "conv" in op
         allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
         if not allowed:
             flag = "torch.backends.cudnn.allow_tf32" if conv else "torch.backends.cuda.matmul.allow_tf32"
@@ -75,7 +75,7 @@ def why_not(op: str, device: torch.device, dtype: torch.dtype, groups: int = 1, 
                     "served by the reference path")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not supported (fp16, bf16, fp32)"
-    if op.startswith("conv") and groups != 1:
+    if "conv" in op and groups != 1:
         return (f"grouped/depthwise conv (groups={groups}): the implicit-GEMM kernels cover "
                 "groups=1; the reference path (cuDNN) serves grouped convs")
     if numel > _INT32_MAX:

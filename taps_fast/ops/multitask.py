@@ -1,0 +1,510 @@
+r"""Multi-task gated linear and conv2d: one mixed batch, each sample with its own task's delta.
+
+Layout of one layer's tasks (built by :class:`taps_fast.MultiTaskModel`):
+
+    weight W, bias b        the frozen base layer, shared by every task
+    deltas [S, *W.shape]    the deltas of the S tasks that opened this layer, stacked
+    slot   [T] int          task t's index into ``deltas`` (-1: the task has no delta here)
+    scores [T]              every task's gate score on this layer
+    thresholds [T]          every task's τ (in the scores' dtype)
+    task_ids [B] int        per sample: its task, or -1 for the base model
+
+Math, per sample i with task t = task_ids[i] and g_t = 1[slot[t] ≥ 0 and s_t ≥ τ_t] (0 for -1):
+
+    forward   y_i  = op(x_i, W + g_t·ΔW_slot[t]) + b
+    backward  dx_i = the layer's input gradient with the same W_eff
+              G_t  = the ordinary weight gradient over the rows of task t only
+                     (linear: dy_tᵀ·x_t; conv: conv2d_weight(x_t, dy_t))
+              dΔW_slot[t] = g_t·G_t          (zero for a closed task, and for absent tasks)
+              ds_t = ⟨G_t, ΔW_slot[t]⟩      (straight-through: also when closed; 0 without a slot)
+              db = Σ dy, dW = Σ_t G_t = G    (only if the caller unfroze the base)
+
+So a mixed batch trains every task present at once (TAPS' joint variant): each task's slot of
+``deltas`` and entry of ``scores`` get exactly the gradients the task's own model would get from
+its rows.
+
+This file holds, Liger-Kernel style:
+- ``taps_mt_linear_ref`` / ``taps_mt_conv2d_ref``: autograd-differentiable formulas (a masked
+  loop over the T tasks, each an ordinary op on the whole batch): the test oracle, in float64.
+- the "reference" backend's kernels, the CPU path: samples grouped by task, one ordinary op per
+  group — the rows computed with W (base rows and closed tasks) in one call, then one call per
+  open task present with its W + ΔW. A loop over the tasks present, never over samples. Each
+  open task's W_eff is a transient the size of W that lives for one call (on a CPU a second
+  product x·ΔWᵀ would cost a GEMM, the add costs a pass over W); the model holds only W and
+  the stacked deltas. The groups are found on the host (a sync per layer: fine on a CPU; the
+  Triton kernels build them on the device).
+- the ``taps_fast::mt_linear`` / ``mt_conv2d`` custom ops (+ backward ops), fake kernels and
+  autograd, so torch.compile traces through them; the functional API ``taps_mt_linear`` /
+  ``taps_mt_conv2d`` that the multi-task modules call.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import dispatch
+from ._common import acc_dtype, as_int_list, autocast_inputs, empty0, inner, match_layout
+from .conv import _closed_ds as _conv_closed_ds
+from .conv import _out_format, _restride, conv_out_size, same_padding
+from .linear import _closed_ds as _linear_closed_ds
+
+_aten = torch.ops.aten
+_LIN, _CONV = "taps_mt_linear", "taps_mt_conv2d"
+
+
+# ----------------------------------------------------------------------------- reference formulas
+def _ste_gates(slot: Tensor, scores: Tensor, thresholds: Tensor) -> Tensor:
+    """[T] gates g_t with the straight-through estimator: value 1[slot ≥ 0 and s ≥ τ],
+    derivative 1 in s_t (g + s - s.detach())."""
+    g = ((slot >= 0) & (scores.detach() >= thresholds)).to(scores.dtype)
+    return g + scores - scores.detach()
+
+
+def _masks(task_ids: Tensor, T: int, dtype) -> Tensor:
+    """[T, B] one-hot sample masks per task (the base rows, -1, belong to none)."""
+    return (task_ids[None, :] == torch.arange(T, device=task_ids.device)[:, None]).to(dtype)
+
+
+def taps_mt_linear_ref(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                       scores: Tensor, thresholds: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """Autograd-differentiable oracle: y = x·Wᵀ + b + Σ_t mask_t·(x·(gate_t·ΔW_slot[t])ᵀ).
+    T ordinary products over the whole batch: a test oracle, not a fast path."""
+    y = F.linear(x, weight, bias)
+    gates = _ste_gates(slot, scores, thresholds)
+    masks = _masks(task_ids, slot.numel(), x.dtype)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    for t in range(slot.numel()):
+        s = int(slot[t])
+        if s >= 0:
+            y = y + masks[t].view(view) * F.linear(x, gates[t].to(x.dtype) * deltas[s])
+    return y
+
+
+def taps_mt_conv2d_ref(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                       scores: Tensor, thresholds: Tensor, bias: Optional[Tensor] = None,
+                       stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+    """Autograd-differentiable oracle: conv(x, W) + b + Σ_t mask_t·conv(x, gate_t·ΔW_slot[t])."""
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    gates = _ste_gates(slot, scores, thresholds)
+    masks = _masks(task_ids, slot.numel(), x.dtype)
+    for t in range(slot.numel()):
+        s = int(slot[t])
+        if s >= 0:
+            d = gates[t].to(x.dtype) * deltas[s]
+            y = y + masks[t].view(-1, 1, 1, 1) * F.conv2d(x, d, None, stride, padding, dilation, groups)
+    return y
+
+
+# ----------------------------------------------------------------------------- reference backend
+def _open_tasks(task_ids: Tensor, slot: Tensor, scores: Tensor, thresholds: Tensor, where: str) -> Tensor:
+    """[T] bool: which tasks' gates are open; refuses a NaN score of a task present in the batch."""
+    is_open = (slot >= 0) & (scores.detach() >= thresholds)
+    nan = torch.isnan(scores.detach())
+    if bool(nan.any()):
+        present = torch.zeros_like(nan)
+        present[task_ids[task_ids >= 0].long()] = True
+        bad = (nan & present).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{where}: the gate score of task(s) {bad} is NaN, so their gate is "
+                             "undefined; the training diverged or the score was overwritten")
+    return is_open
+
+
+def _groups(task_ids: Tensor, is_open: Tensor) -> Tuple[Optional[Tensor], List[Tuple[int, Tensor]]]:
+    """Split the samples into (the indices computed with W, [(task, its indices)] for each open
+    task present). None stands for "all samples" (no gather needed). Host sync: CPU path."""
+    ids = task_ids.long()
+    sample_open = (ids >= 0) & is_open[ids.clamp(min=0)]
+    if not bool(sample_open.any()):
+        return None, []
+    tasks = torch.unique(ids[sample_open]).tolist()
+    out = []
+    for t in tasks:
+        idx = (ids == t).nonzero().flatten()
+        out.append((t, None if idx.numel() == ids.numel() else idx))
+    base = (~sample_open).nonzero().flatten()
+    return base, out
+
+
+def _slotted(task_ids: Tensor, slot: Tensor) -> List[Tuple[int, int, Optional[Tensor]]]:
+    """(task, slot, indices or None for all) of every task present that has a delta here."""
+    ids = task_ids.long()
+    has = (ids >= 0) & (slot.long()[ids.clamp(min=0)] >= 0)
+    out = []
+    for t in torch.unique(ids[has]).tolist():
+        idx = (ids == t).nonzero().flatten()
+        out.append((t, int(slot[t]), None if idx.numel() == ids.numel() else idx))
+    return out
+
+
+def _take(t: Tensor, idx: Optional[Tensor]) -> Tensor:
+    return t if idx is None else t.index_select(0, idx)
+
+
+def _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds, run, where):
+    """y by groups: ``run(x_group, W_group)`` for the W group and for each open task present."""
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, where)
+    base, tasks = _groups(task_ids, is_open)
+    if not tasks:
+        return run(x, weight)
+    if base.numel() == 0 and len(tasks) == 1:  # one open task has every sample
+        return run(x, weight + deltas[int(slot[tasks[0][0]])])
+    y = None
+    parts = ([(base, weight)] if base.numel() else []) + \
+        [(idx, weight + deltas[int(slot[t])]) for t, idx in tasks]
+    for idx, w in parts:
+        yg = run(x.index_select(0, idx), w)
+        if y is None:
+            y = yg.new_empty((x.shape[0],) + tuple(yg.shape[1:]))
+        y.index_copy_(0, idx, yg)
+    return y
+
+
+def mt_linear_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
+    return _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds,
+                            lambda xg, w: F.linear(xg, w, bias), _LIN)
+
+
+def _scatter_rows(dst: Optional[Tensor], src: Tensor, idx: Optional[Tensor], like: Tensor) -> Tensor:
+    if idx is None:
+        return src
+    if dst is None:
+        dst = torch.zeros_like(like)
+    return dst.index_copy_(0, idx, src)
+
+
+def _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx,
+                      needs_ddeltas, needs_dscores, g_of, dx_of, closed_ds, where):
+    """dx by the same groups as the forward; per task present with a slot: G_t once, dΔW and ds
+    from it (open), or ds block by block without forming G (closed)."""
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, where)
+    T = slot.numel()
+    dx = None
+    if needs_dx:
+        base, tasks = _groups(task_ids, is_open)
+        parts = [(base, weight)] if (base is None or base.numel()) else []
+        parts += [(idx, weight + deltas[int(slot[t])]) for t, idx in tasks]
+        for idx, w in parts:
+            dx = _scatter_rows(dx, dx_of(_take(dy, idx), _take(x, idx), w), idx, x)
+        if dx is None:  # an empty batch
+            dx = torch.zeros_like(x)
+    ddeltas = torch.zeros_like(deltas) if needs_ddeltas else None
+    dscores = torch.zeros(T, dtype=acc_dtype(scores.dtype), device=scores.device) if needs_dscores else None
+    if needs_ddeltas or needs_dscores:
+        for t, s, idx in _slotted(task_ids, slot):
+            dyt, xt = _take(dy, idx), _take(x, idx)
+            if bool(is_open[t]):
+                g = g_of(dyt, xt)
+                if needs_ddeltas:
+                    ddeltas[s].copy_(g)
+                if needs_dscores:
+                    dscores[t] = inner(g, deltas[s])
+            elif needs_dscores:  # closed: dΔW = 0, ds still flows (straight-through)
+                dscores[t] = closed_ds(dyt, xt, deltas[s])
+    return (
+        dx if dx is not None else empty0(x),
+        ddeltas if ddeltas is not None else empty0(deltas),
+        dscores.to(scores.dtype) if dscores is not None else empty0(scores),
+    )
+
+
+def mt_linear_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
+                            needs_dx, needs_ddeltas, needs_dscores):
+    n, k = weight.shape
+
+    def g_of(dyt, xt):
+        return dyt.reshape(-1, n).t() @ xt.reshape(-1, k)
+
+    def closed_ds(dyt, xt, d):
+        return _linear_closed_ds(dyt.reshape(-1, n), xt.reshape(-1, k), d)
+
+    return _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx,
+                             needs_ddeltas, needs_dscores, g_of, lambda dyt, xt, w: dyt @ w,
+                             closed_ds, _LIN)
+
+
+def mt_conv2d_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias,
+                            stride, padding, dilation, groups):
+    return _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds,
+                            lambda xg, w: F.conv2d(xg, w, bias, stride, padding, dilation, groups), _CONV)
+
+
+def mt_conv2d_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
+                            stride, padding, dilation, groups, needs_dx, needs_ddeltas, needs_dscores):
+    def conv_bwd(dyt, xt, w, mask):
+        return _aten.convolution_backward(dyt, xt, w, None, stride, padding, dilation, False,
+                                          [0, 0], groups, mask)
+
+    def g_of(dyt, xt):
+        return conv_bwd(dyt, xt, weight, [False, True, False])[1]
+
+    def dx_of(dyt, xt, w):
+        return conv_bwd(dyt, xt, w, [True, False, False])[0]
+
+    def closed_ds(dyt, xt, d):
+        return _conv_closed_ds(dyt, xt, d, stride, padding, dilation, groups)
+
+    dx, dd, ds = _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
+                                   needs_dx, needs_ddeltas, needs_dscores, g_of, dx_of, closed_ds, _CONV)
+    return (match_layout(dx, x) if needs_dx else dx), dd, ds
+
+
+# ----------------------------------------------------------------------------- custom ops
+def _meta(x: Tensor, weight: Tensor, deltas: Tensor, y_numel: int, groups: int = 1) -> dict:
+    return dict(device=x.device, dtype=x.dtype, groups=groups,
+                numel=max(x.numel(), deltas.numel(), y_numel))
+
+
+def _lin_y_numel(x: Tensor, weight: Tensor) -> int:
+    return x.numel() // max(1, weight.shape[1]) * weight.shape[0]
+
+
+@torch.library.custom_op("taps_fast::mt_linear", mutates_args=())
+def _mt_linear_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                  scores: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> Tensor:
+    be = dispatch.select("mt_linear_fwd", **_meta(x, weight, deltas, _lin_y_numel(x, weight)))
+    return be.kernels["mt_linear_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias).contiguous()
+
+
+@_mt_linear_op.register_fake
+def _mt_linear_fake(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+@torch.library.custom_op("taps_fast::mt_linear_backward", mutates_args=())
+def _mt_linear_backward_op(dy: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor,
+                           slot: Tensor, scores: Tensor, thresholds: Tensor, needs_dx: bool,
+                           needs_ddeltas: bool, needs_dscores: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    be = dispatch.select("mt_linear_bwd", **_meta(x, weight, deltas, dy.numel()))
+    return be.kernels["mt_linear_bwd"](dy, x, task_ids, weight, deltas, slot, scores, thresholds,
+                                       needs_dx, needs_ddeltas, needs_dscores)
+
+
+@_mt_linear_backward_op.register_fake
+def _mt_linear_backward_fake(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx,
+                             needs_ddeltas, needs_dscores):
+    return _bwd_fake(x, deltas, scores, needs_dx, needs_ddeltas, needs_dscores)
+
+
+def _bwd_fake(x, deltas, scores, needs_dx, needs_ddeltas, needs_dscores):
+    return (torch.empty_like(x) if needs_dx else empty0(x),
+            torch.empty_like(deltas) if needs_ddeltas else empty0(deltas),
+            scores.new_empty(scores.shape) if needs_dscores else empty0(scores))
+
+
+def _base_grads(ctx, dy, x, weight, wgrad):
+    """dW and db of the (normally frozen) base: the ordinary gradients over the whole batch."""
+    nw, nb = ctx.needs_input_grad[2], ctx.needs_input_grad[7] and ctx.has_bias
+    dw = wgrad(dy, x, weight) if nw else None
+    db = None
+    if nb:  # sum over every dimension but the output channel's
+        db = dy.sum(tuple(range(dy.dim() - 1)) if ctx.is_linear else (0, 2, 3))
+    return dw, db
+
+
+def _setup(ctx, inputs, is_linear):
+    x, task_ids, weight, deltas, slot, scores, thresholds, bias = inputs[:8]
+    ctx.save_for_backward(x, task_ids, weight, deltas, slot, scores, thresholds)
+    ctx.has_bias = bias is not None
+    ctx.is_linear = is_linear
+    ctx.args = tuple(inputs[8:])
+
+
+def _mt_linear_backward(ctx, dy):
+    x, task_ids, weight, deltas, slot, scores, thresholds = ctx.saved_tensors
+    nx, _, _, nd, _, ns = ctx.needs_input_grad[:6]
+    dx = dd = ds = None
+    if nx or nd or ns:
+        dx, dd, ds = _mt_linear_backward_op(dy, x, task_ids, weight, deltas, slot, scores,
+                                            thresholds, nx, nd, ns)
+    dw, db = _base_grads(ctx, dy, x, weight,
+                         lambda dy, x, w: dy.reshape(-1, w.shape[0]).t() @ x.reshape(-1, w.shape[1]))
+    return (dx if nx else None, None, dw, dd if nd else None, None, ds if ns else None, None, db)
+
+
+def _mt_linear_setup(ctx, inputs, output):
+    _setup(ctx, inputs, True)
+
+
+_mt_linear_op.register_autograd(_mt_linear_backward, setup_context=_mt_linear_setup)
+
+
+@torch.library.custom_op("taps_fast::mt_conv2d", mutates_args=())
+def _mt_conv2d_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                  scores: Tensor, thresholds: Tensor, bias: Optional[Tensor], stride: List[int],
+                  padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    be = dispatch.select("mt_conv2d_fwd", **_meta(x, weight, deltas, _conv_y_numel(x, weight, stride, padding, dilation), groups))
+    y = be.kernels["mt_conv2d_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias,
+                                    stride, padding, dilation, groups)
+    return _restride(y, _out_format(x))
+
+
+def _conv_y_numel(x, weight, stride, padding, dilation) -> int:
+    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.shape[0] * weight.shape[0] * ho * wo
+
+
+@_mt_conv2d_op.register_fake
+def _mt_conv2d_fake(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
+                    dilation, groups):
+    b, _, h, w = x.shape
+    ho = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
+    return torch.empty((b, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                       memory_format=_out_format(x))
+
+
+@torch.library.custom_op("taps_fast::mt_conv2d_backward", mutates_args=())
+def _mt_conv2d_backward_op(dy: Tensor, x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor,
+                           slot: Tensor, scores: Tensor, thresholds: Tensor, stride: List[int],
+                           padding: List[int], dilation: List[int], groups: int, needs_dx: bool,
+                           needs_ddeltas: bool, needs_dscores: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    be = dispatch.select("mt_conv2d_bwd", **_meta(x, weight, deltas, dy.numel(), groups))
+    return be.kernels["mt_conv2d_bwd"](dy, x, task_ids, weight, deltas, slot, scores, thresholds,
+                                       stride, padding, dilation, groups, needs_dx, needs_ddeltas,
+                                       needs_dscores)
+
+
+@_mt_conv2d_backward_op.register_fake
+def _mt_conv2d_backward_fake(dy, x, task_ids, weight, deltas, slot, scores, thresholds, stride,
+                             padding, dilation, groups, needs_dx, needs_ddeltas, needs_dscores):
+    return _bwd_fake(x, deltas, scores, needs_dx, needs_ddeltas, needs_dscores)
+
+
+def _mt_conv2d_backward(ctx, dy):
+    x, task_ids, weight, deltas, slot, scores, thresholds = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.args
+    nx, _, _, nd, _, ns = ctx.needs_input_grad[:6]
+    dx = dd = ds = None
+    if nx or nd or ns:
+        dx, dd, ds = _mt_conv2d_backward_op(dy, x, task_ids, weight, deltas, slot, scores,
+                                            thresholds, stride, padding, dilation, groups, nx, nd, ns)
+
+    def wgrad(dy, x, w):
+        return _aten.convolution_backward(dy, x, w, None, stride, padding, dilation, False, [0, 0],
+                                          groups, [False, True, False])[1]
+
+    dw, db = _base_grads(ctx, dy, x, weight, wgrad)
+    return (dx if nx else None, None, dw, dd if nd else None, None, ds if ns else None, None, db,
+            None, None, None, None)
+
+
+def _mt_conv2d_setup(ctx, inputs, output):
+    _setup(ctx, inputs, False)
+
+
+_mt_conv2d_op.register_autograd(_mt_conv2d_backward, setup_context=_mt_conv2d_setup)
+
+
+# ----------------------------------------------------------------------------- functional API
+def check_task_ids(where: str, task_ids: Tensor, batch: int, num_tasks: int, device) -> None:
+    """Metadata checks of a per-sample task id tensor, plus (a host sync) the id range."""
+    check_task_ids_meta(where, task_ids, batch, device)
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        if lo < -1 or hi >= num_tasks:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"{where}: task id {bad} is out of range: this layer serves {num_tasks} "
+                             f"task(s), ids 0..{num_tasks - 1}, and -1 for the base model")
+
+
+def check_task_ids_meta(where: str, task_ids: Tensor, batch: int, device) -> None:
+    if not isinstance(task_ids, Tensor):
+        raise TypeError(f"{where}: task_ids must be an integer torch.Tensor, got {type(task_ids).__name__}")
+    if task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"{where}: task_ids must be an integer tensor, got dtype {task_ids.dtype}")
+    if task_ids.dim() != 1 or task_ids.shape[0] != batch:
+        raise ValueError(f"{where}: task_ids has shape {tuple(task_ids.shape)}, expected ({batch},): "
+                         "one task id per sample of the batch")
+    if task_ids.device != device:
+        raise ValueError(f"{where}: task_ids is on {task_ids.device} but the input is on {device}")
+
+
+def _check_ids(where: str, task_ids, x: Tensor, slot: Tensor, check_range: bool) -> None:
+    if check_range:
+        check_task_ids(where, task_ids, x.shape[0], slot.numel(), x.device)
+    else:
+        check_task_ids_meta(where, task_ids, x.shape[0], x.device)
+
+
+def _check_stack(where: str, x: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor, scores: Tensor,
+                 thresholds: Tensor, bias: Optional[Tensor]) -> None:
+    for name, t in (("x", x), ("weight", weight), ("deltas", deltas), ("slot", slot),
+                    ("scores", scores), ("thresholds", thresholds)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(deltas.shape[1:]) != tuple(weight.shape) or deltas.dim() != weight.dim() + 1:
+        raise ValueError(f"{where}: deltas has shape {tuple(deltas.shape)}, expected "
+                         f"[S, {', '.join(map(str, weight.shape))}] (the stacked deltas of S tasks)")
+    if slot.dim() != 1 or slot.is_floating_point() or slot.dtype == torch.bool:
+        raise ValueError(f"{where}: slot must be a 1-D integer tensor [T], got {slot.dtype} {tuple(slot.shape)}")
+    if scores.shape != slot.shape or thresholds.shape != slot.shape:
+        raise ValueError(f"{where}: scores {tuple(scores.shape)}, thresholds {tuple(thresholds.shape)} "
+                         f"and slot {tuple(slot.shape)} must all be [T]")
+    if not scores.is_floating_point() or thresholds.dtype != scores.dtype:
+        raise TypeError(f"{where}: scores must be floating point and thresholds of the same dtype, got "
+                        f"{scores.dtype} and {thresholds.dtype}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: x must be a floating-point tensor, got dtype {x.dtype}")
+    named = [("weight", weight), ("deltas", deltas)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"{where}: dtype mismatch: x is {x.dtype} but {name} is {t.dtype}; cast the "
+                            f"input or the model (.to({x.dtype})) or run under torch.autocast")
+    for name, t in named + [("slot", slot), ("scores", scores), ("thresholds", thresholds)]:
+        if t.device != x.device:
+            raise ValueError(f"{where}: device mismatch: x is on {x.device} but {name} is on {t.device}")
+
+
+def taps_mt_linear(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor] = None,
+                   check_ids: bool = True) -> Tensor:
+    """Mixed-batch gated linear (module docstring): x [B, ..., K], task_ids [B] (-1 = base).
+    ``check_ids`` validates the id range (a host sync; MultiTaskModel checks once per batch and
+    passes False)."""
+    x, weight, deltas, bias = autocast_inputs(x, weight, deltas, bias)
+    _check_stack(_LIN, x, weight, deltas, slot, scores, thresholds, bias)
+    if weight.dim() != 2 or x.dim() < 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{_LIN}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)}: "
+                         f"expected [batch, ..., {weight.shape[-1]}]")
+    _check_ids(_LIN, task_ids, x, slot, check_ids)
+    return _mt_linear_op(x, task_ids, weight, deltas, slot, scores, thresholds, bias)
+
+
+def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor] = None,
+                   stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
+                   dilation: Union[int, Sequence[int]] = 1, groups: int = 1,
+                   check_ids: bool = True) -> Tensor:
+    """Mixed-batch gated conv2d (module docstring): x [B, C, H, W], task_ids [B] (-1 = base);
+    conv arguments as F.conv2d's (zero padding: an int, a pair, 'same' or 'valid')."""
+    x, weight, deltas, bias = autocast_inputs(x, weight, deltas, bias)
+    _check_stack(_CONV, x, weight, deltas, slot, scores, thresholds, bias)
+    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(f"{_CONV}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
+                         f"with groups={groups}: expected [B, {weight.shape[1] * groups}, H, W]")
+    _check_ids(_CONV, task_ids, x, slot, check_ids)
+    stride = as_int_list(stride, 2, f"{_CONV}: stride")
+    dilation = as_int_list(dilation, 2, f"{_CONV}: dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            if stride != [1, 1]:
+                raise ValueError(f"{_CONV}: padding='same' is not supported for strided convolutions")
+            padding, extra = same_padding(weight.shape[2:], dilation)
+            if any(extra):
+                x = F.pad(x, [0, extra[1], 0, extra[0]])
+        else:
+            raise ValueError(f"{_CONV}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding = as_int_list(padding, 2, f"{_CONV}: padding")
+    return _mt_conv2d_op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
+                         dilation, groups)
+
+
+__all__ = ["taps_mt_linear", "taps_mt_conv2d", "taps_mt_linear_ref", "taps_mt_conv2d_ref"]
