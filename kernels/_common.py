@@ -259,6 +259,11 @@ def finish_wgrad(ws, score, delta, ddelta, dweight, part, split, N, K, C, KW, th
     return part.sum() if needs_dscore else None  # fixed-order sum of the tile partials
 
 
+# PARTIALS_RESET: the ds partials buffer is sized for the tiling with the most tiles, and the
+# launcher sums all of it. On a GPU the autotuner runs every config on the real arguments on a
+# key's first call, so a config with fewer tiles would leave the other configs' partials in the
+# unused entries: every kernel that writes part_ptr is autotuned with reset_to_zero=["part_ptr"]
+# (tests/test_triton.py checks it), which zeroes it after benchmarking, before the real run.
 def ds_partials(N: int, K: int, split: int, device, per_tap=None):
     if split > 1:
         n = triton.cdiv(N, EPI_N) * triton.cdiv(K, EPI_K)

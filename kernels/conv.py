@@ -154,7 +154,8 @@ def _taps_conv2d_dgrad_kernel(
 
 
 @triton.autotune(configs=mm_configs(CONV_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+                 reset_to_zero=["part_ptr"])  # see PARTIALS_RESET in _common.py
 @triton.jit
 def _taps_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, s_ptr, d_ptr, dd_ptr, dw_ptr, part_ptr, ws_ptr, db_ptr,

@@ -86,7 +86,8 @@ def _taps_linear_fwd_kernel(
 
 
 @triton.autotune(configs=mm_configs(WGRAD_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=["M", "N", "K", "SPLIT"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+                 reset_to_zero=["part_ptr"])  # see PARTIALS_RESET in _common.py
 @triton.jit
 def _taps_linear_wgrad_kernel(
     dy_ptr, x_ptr, s_ptr, d_ptr, dd_ptr, dw_ptr, part_ptr, ws_ptr, db_ptr,

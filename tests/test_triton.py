@@ -433,3 +433,21 @@ def test_autotuners_prune_by_an_existing_argument():
         for dtype, n in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 1)):
             kept = prune(cfgs, {prune.arg: torch.empty(1, dtype=dtype)})
             assert len(kept) == n and all(c.taps_elem_size == torch.empty(0, dtype=dtype).element_size() for c in kept)
+
+
+def test_autotuned_kernels_reset_their_ds_partials():
+    """On a key's first GPU call the autotuner runs every config on the real buffers; a kernel
+    writing per-tile ds partials must have them zeroed before the chosen config runs, or a
+    config with fewer tiles sums the others' leftovers into ds (PARTIALS_RESET in _common.py)."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+
+    checked = 0
+    for mod in ("linear", "conv"):
+        m = importlib.import_module(f"taps_fast.kernels.{mod}")
+        for name, obj in vars(m).items():
+            if isinstance(obj, Autotuner) and "part_ptr" in obj.fn.arg_names:
+                assert "part_ptr" in obj.reset_to_zero, f"{mod}.{name} does not reset part_ptr"
+                checked += 1
+    assert checked >= 2
