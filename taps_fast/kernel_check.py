@@ -35,6 +35,7 @@ class Spec:
     constexprs: Dict[str, object]
     matmul: bool = True
     tiles: Optional[Tuple[str, str, str]] = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    i32_ptrs: Tuple[str, ...] = ()  # int32 index buffers (multi-task: order, segments, slots)
 
 
 SPECS: List[Spec] = [
@@ -44,9 +45,21 @@ SPECS: List[Spec] = [
          tiles=("BLOCK_N", "BLOCK_K", "BLOCK_R")),
     Spec("conv", "_taps_conv2d_fwd_kernel", (), dict(HAS_BIAS=True, GROUP_M=8)),
     Spec("conv", "_taps_conv2d_dgrad_kernel", (), dict(GROUP_M=8)),
+    Spec("mt_linear", "_taps_mt_linear_fwd_kernel", (), dict(HAS_BIAS=True, GROUP_M=8, BLOCK_T=8),
+         i32_ptrs=("order_ptr", "seg_start_ptr", "seg_count_ptr", "slot_ptr")),
+    Spec("mt_linear", "_taps_mt_linear_wgrad_kernel", ("part_ptr",),
+         dict(NEEDS_DDELTA=True, NEEDS_DSCORE=True, GROUP_M=8), tiles=("BLOCK_N", "BLOCK_K", "BLOCK_R"),
+         i32_ptrs=("order_ptr", "seg_start_ptr", "seg_count_ptr", "task_of_slot_ptr", "slot_ptr")),
     Spec("conv", "_taps_conv2d_wgrad_kernel", ("part_ptr", "ws_ptr", "db_ptr"),
          dict(NEEDS_DDELTA=True, NEEDS_DWEIGHT=False, NEEDS_DSCORE=True, HAS_DBIAS=False, SPLIT=1, GROUP_M=8),
          tiles=("BLOCK_N", "BLOCK_K", "BLOCK_R")),
+    Spec("mt_conv", "_taps_mt_conv2d_fwd_kernel", (), dict(HAS_BIAS=True, GROUP_M=8),
+         i32_ptrs=("order_ptr", "seg_start_ptr", "seg_count_ptr", "slot_ptr")),
+    Spec("mt_conv", "_taps_mt_conv2d_dgrad_kernel", (), dict(GROUP_M=8),
+         i32_ptrs=("order_ptr", "seg_start_ptr", "seg_count_ptr", "slot_ptr")),
+    Spec("mt_conv", "_taps_mt_conv2d_wgrad_kernel", ("part_ptr",),
+         dict(NEEDS_DDELTA=True, NEEDS_DSCORE=True, GROUP_M=8), tiles=("BLOCK_N", "BLOCK_K", "BLOCK_R"),
+         i32_ptrs=("order_ptr", "seg_start_ptr", "seg_count_ptr", "task_of_slot_ptr", "slot_ptr")),
     Spec("_common", "_taps_wgrad_split_epilogue_kernel", ("ws_ptr", "part_ptr"),
          dict(NEEDS_DDELTA=True, NEEDS_DWEIGHT=False, NEEDS_DSCORE=True, BLOCK_N=32, BLOCK_K=64),
          matmul=False, tiles=None),
@@ -74,6 +87,8 @@ def _signature(fn, spec: Spec, elem: str, constexprs: Dict[str, object]) -> Dict
     for a in fn.arg_names:
         if a in constexprs:
             sig[a] = "constexpr"
+        elif a in spec.i32_ptrs:
+            sig[a] = "*i32"
         elif a.endswith("_ptr"):
             sig[a] = "*fp32" if (a in spec.fp32_ptrs or elem == "fp32") else f"*{elem}"
         elif a == "threshold":

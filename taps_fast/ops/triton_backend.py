@@ -42,7 +42,7 @@ def available() -> Optional[str]:
         return "triton is not installed (pip install triton)"
     try:
         from .. import kernels  # noqa: F401
-        from ..kernels import conv, linear  # noqa: F401
+        from ..kernels import conv, linear, mt_conv, mt_linear  # noqa: F401
     except Exception as e:  # a broken triton install: report it rather than crash the import
         return f"the Triton kernels failed to import ({type(e).__name__}: {e})"
     return None
@@ -141,7 +141,71 @@ def conv2d_bwd(dy, x, weight, delta, score, stride, padding, dilation, groups, t
     return _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db)
 
 
+# ----------------------------------------------------------------------------- multi-task ops
+def _row_task(task_ids, x, k: int):
+    """Per-row task ids for a linear input [B, ..., K] (rows of a sample share its task)."""
+    per = x.numel() // k // x.shape[0] if x.shape[0] else 1
+    return task_ids if per == 1 else task_ids.repeat_interleave(per)
+
+
+def mt_linear_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
+    from ..kernels.mt_linear import mt_linear_fwd as launch
+
+    n, k = weight.shape
+    y = launch(x.reshape(-1, k), _row_task(task_ids, x, k), weight, deltas, slot.to(torch.int32),
+               scores, thresholds, bias)
+    return y.reshape(tuple(x.shape[:-1]) + (n,))
+
+
+def mt_linear_bwd(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx, needs_ddeltas,
+                  needs_dscores):
+    from ..kernels.mt_linear import mt_linear_fwd as launch_dx
+    from ..kernels.mt_linear import mt_linear_wgrad
+
+    n, k = weight.shape
+    rows = _row_task(task_ids, x, k)
+    slot32 = slot.to(torch.int32)
+    dy2, x2 = dy.reshape(-1, n), x.reshape(-1, k)
+    dx = dd = ds = None
+    if needs_dx:
+        dx = launch_dx(dy2, rows, weight, deltas, slot32, scores, thresholds, None,
+                       transpose_weight=True).reshape(x.shape)
+    if needs_ddeltas or needs_dscores:
+        dd, ds = mt_linear_wgrad(dy2, x2, rows, deltas, slot32, scores, thresholds, needs_ddeltas, needs_dscores)
+    return _mt_grads(x, deltas, scores, dx, dd, ds)
+
+
+def _mt_grads(x, deltas, scores, dx, dd, ds):
+    return (dx if dx is not None else empty0(x), dd if dd is not None else empty0(deltas),
+            ds.to(scores.dtype) if ds is not None else empty0(scores))
+
+
+def mt_conv2d_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding, dilation, groups):
+    from ..kernels.mt_conv import mt_conv2d_fwd as launch
+
+    return launch(x, task_ids, weight, deltas, slot.to(torch.int32), scores, thresholds, bias, stride,
+                  padding, dilation)
+
+
+def mt_conv2d_bwd(dy, x, task_ids, weight, deltas, slot, scores, thresholds, stride, padding, dilation,
+                  groups, needs_dx, needs_ddeltas, needs_dscores):
+    from ..kernels.mt_conv import mt_conv2d_dgrad, mt_conv2d_wgrad
+
+    slot32 = slot.to(torch.int32)
+    dx = dd = ds = None
+    if needs_dx:
+        dx = mt_conv2d_dgrad(dy, x, task_ids, weight, deltas, slot32, scores, thresholds, stride, padding, dilation)
+    if needs_ddeltas or needs_dscores:
+        dd, ds = mt_conv2d_wgrad(dy, x, task_ids, deltas, slot32, scores, thresholds, stride, padding,
+                                 dilation, needs_ddeltas, needs_dscores)
+    return _mt_grads(x, deltas, scores, dx, dd, ds)
+
+
 KERNELS = {
+    "mt_linear_fwd": mt_linear_fwd,
+    "mt_linear_bwd": mt_linear_bwd,
+    "mt_conv2d_fwd": mt_conv2d_fwd,
+    "mt_conv2d_bwd": mt_conv2d_bwd,
     "linear_fwd": linear_fwd,
     "linear_bwd": linear_bwd,
     "conv2d_fwd": conv2d_fwd,
