@@ -309,3 +309,24 @@ def test_cross_entropy_on_padded_logits_is_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in mt.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
+def test_torch_compile_fullgraph(arch):
+    """The mixed batch traces without graph breaks (the ops are custom ops; the id range check
+    and the CPU batch sort, which sync the host, are skipped while compiling), eval and train."""
+    mt, _, _ = build(arch, T=3)
+    mt = mt.float().eval()
+    x = torch.randn(5, 3, SIZES[arch], SIZES[arch])
+    ids = torch.tensor([2, -1, 0, 2, 1])
+    with torch.no_grad():
+        eager = mt(x, ids)
+        compiled = torch.compile(mt, fullgraph=True)(x, ids)
+    finite = torch.isfinite(eager)
+    assert torch.equal(finite, torch.isfinite(compiled))
+    assert_rel_close(compiled[finite], eager[finite], torch.float32, "compiled", bounds=RTOL_MODEL)
+    mt.train()
+    out = torch.compile(mt, fullgraph=True)(x, ids)
+    F.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1])).backward()
+    layer = next(m for m in mt.modules() if hasattr(m, "slot"))
+    assert layer.scores.grad is not None

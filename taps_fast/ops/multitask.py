@@ -26,13 +26,14 @@ its rows.
 This file holds, Liger-Kernel style:
 - ``taps_mt_linear_ref`` / ``taps_mt_conv2d_ref``: autograd-differentiable formulas (a masked
   loop over the T tasks, each an ordinary op on the whole batch): the test oracle, in float64.
-- the "reference" backend's kernels, the CPU path: samples grouped by task, one ordinary op per
-  group — the rows computed with W (base rows and closed tasks) in one call, then one call per
-  open task present with its W + ΔW. A loop over the tasks present, never over samples. Each
-  open task's W_eff is a transient the size of W that lives for one call (on a CPU a second
-  product x·ΔWᵀ would cost a GEMM, the add costs a pass over W); the model holds only W and
-  the stacked deltas. The groups are found on the host (a sync per layer: fine on a CPU; the
-  Triton kernels build them on the device).
+- the "reference" backend's kernels, the CPU path: a loop over the tasks present, never over
+  samples. Conv: y = conv(x, W) + b for the whole batch, then y_t += conv(x_t, ΔW_t) for each
+  open task t (linearity: W + ΔW is never formed). Linear on a batch sorted by task (what
+  MultiTaskModel passes on the CPU): one product per run of samples sharing a weight, written
+  in place into y, with W + ΔW_t formed for the call (a transient the size of W; the model
+  holds only W and the stacked deltas). Groups of consecutive samples are views, never copies.
+  The groups are found on the host (a sync per layer: fine on a CPU; the Triton kernels build
+  them on the device).
 - the ``taps_fast::mt_linear`` / ``mt_conv2d`` custom ops (+ backward ops), fake kernels and
   autograd, so torch.compile traces through them; the functional API ``taps_mt_linear`` /
   ``taps_mt_conv2d`` that the multi-task modules call.
@@ -113,107 +114,143 @@ def _open_tasks(task_ids: Tensor, slot: Tensor, scores: Tensor, thresholds: Tens
     return is_open
 
 
-def _groups(task_ids: Tensor, is_open: Tensor) -> Tuple[Optional[Tensor], List[Tuple[int, Tensor]]]:
-    """Split the samples into (the indices computed with W, [(task, its indices)] for each open
-    task present). None stands for "all samples" (no gather needed). Host sync: CPU path."""
-    ids = task_ids.long()
-    sample_open = (ids >= 0) & is_open[ids.clamp(min=0)]
-    if not bool(sample_open.any()):
-        return None, []
-    tasks = torch.unique(ids[sample_open]).tolist()
-    out = []
-    for t in tasks:
-        idx = (ids == t).nonzero().flatten()
-        out.append((t, None if idx.numel() == ids.numel() else idx))
-    base = (~sample_open).nonzero().flatten()
-    return base, out
+Sel = Union[slice, Tensor]
 
 
-def _slotted(task_ids: Tensor, slot: Tensor) -> List[Tuple[int, int, Optional[Tensor]]]:
-    """(task, slot, indices or None for all) of every task present that has a delta here."""
+def _groups(task_ids: Tensor, keep: Tensor) -> List[Tuple[int, Sel]]:
+    """[(task, its samples)] for each task t present with keep[t], in task order; the samples
+    as a slice when they are consecutive (MultiTaskModel sorts the batch by task on the CPU, so
+    they are: a view, no copy) or else an index tensor. Host sync: the CPU path's way."""
     ids = task_ids.long()
-    has = (ids >= 0) & (slot.long()[ids.clamp(min=0)] >= 0)
-    out = []
-    for t in torch.unique(ids[has]).tolist():
+    sel = (ids >= 0) & keep[ids.clamp(min=0)]
+    out: List[Tuple[int, Sel]] = []
+    if not bool(sel.any()):
+        return out
+    for t in torch.unique(ids[sel]).tolist():
         idx = (ids == t).nonzero().flatten()
-        out.append((t, int(slot[t]), None if idx.numel() == ids.numel() else idx))
+        a, b = int(idx[0]), int(idx[-1]) + 1
+        out.append((t, slice(a, b) if b - a == idx.numel() else idx))
     return out
 
 
-def _take(t: Tensor, idx: Optional[Tensor]) -> Tensor:
-    return t if idx is None else t.index_select(0, idx)
+def _runs(task_ids: Tensor, is_open: Tensor) -> Optional[List[Tuple[int, int, int]]]:
+    """Maximal runs (start, stop, task or -1 for W) of consecutive samples computed with the
+    same weight, or None when that would take more runs than there are weights (an unsorted
+    batch: then the groups are gathered instead)."""
+    ids = task_ids.long()
+    key = torch.where((ids >= 0) & is_open[ids.clamp(min=0)], ids, -1)
+    if key.numel() == 0:
+        return []
+    change = (key[1:] != key[:-1]).nonzero().flatten() + 1
+    starts = [0] + change.tolist()
+    stops = starts[1:] + [key.numel()]
+    keys = key[starts].tolist()
+    if len(set(keys)) != len(keys):
+        return None
+    return list(zip(starts, stops, keys))
 
 
-def _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds, run, where):
-    """y by groups: ``run(x_group, W_group)`` for the W group and for each open task present."""
-    is_open = _open_tasks(task_ids, slot, scores, thresholds, where)
-    base, tasks = _groups(task_ids, is_open)
-    if not tasks:
-        return run(x, weight)
-    if base.numel() == 0 and len(tasks) == 1:  # one open task has every sample
-        return run(x, weight + deltas[int(slot[tasks[0][0]])])
-    y = None
-    parts = ([(base, weight)] if base.numel() else []) + \
-        [(idx, weight + deltas[int(slot[t])]) for t, idx in tasks]
-    for idx, w in parts:
-        yg = run(x.index_select(0, idx), w)
-        if y is None:
-            y = yg.new_empty((x.shape[0],) + tuple(yg.shape[1:]))
-        y.index_copy_(0, idx, yg)
-    return y
+def _take(t: Tensor, sel: Sel) -> Tensor:
+    return t[sel]  # a view for a slice; aten::index (4x faster than index_select here) for a tensor
+
+
+def _add_rows(y: Tensor, sel: Sel, v: Tensor) -> None:
+    if isinstance(sel, slice):
+        y[sel] += v
+    else:
+        y.index_add_(0, sel, v)
+
+
+def _rows_mm(a2: Tensor, w: Tensor, out2: Tensor, lo: int, hi: int, bias: Optional[Tensor]) -> None:
+    """out2[lo:hi] = a2[lo:hi]·w (+ bias), written in place (no temporary, no copy)."""
+    if bias is not None:
+        torch.addmm(bias, a2[lo:hi], w, out=out2[lo:hi])
+    else:
+        torch.mm(a2[lo:hi], w, out=out2[lo:hi])
 
 
 def mt_linear_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
-    return _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds,
-                            lambda xg, w: F.linear(xg, w, bias), _LIN)
+    """A sorted batch: one product per run of samples sharing a weight, written in place into y
+    (W + ΔW_t formed for the call: on a CPU that add costs less than a second product over the
+    task's rows). An unsorted one: y = x·Wᵀ + b for all, then y_t += x_t·ΔW_tᵀ per open task."""
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, _LIN)
+    opened = _groups(task_ids, is_open)
+    if not opened:
+        return F.linear(x, weight, bias)
+    runs = _runs(task_ids, is_open)
+    if runs is None:
+        y = F.linear(x, weight, bias)
+        for t, sel in opened:
+            _add_rows(y, sel, F.linear(_take(x, sel), deltas[int(slot[t])]))
+        return y
+    n, k = weight.shape
+    per = x[0].numel() // k if x.shape[0] else 0  # rows per sample
+    x2 = x.reshape(-1, k)
+    y = x.new_empty(tuple(x.shape[:-1]) + (n,))
+    y2 = y.view(-1, n)
+    for a, b, t in runs:
+        w = weight if t < 0 else weight + deltas[int(slot[t])]
+        _rows_mm(x2, w.t(), y2, a * per, b * per, bias)
+    return y
 
 
-def _scatter_rows(dst: Optional[Tensor], src: Tensor, idx: Optional[Tensor], like: Tensor) -> Tensor:
-    if idx is None:
-        return src
-    if dst is None:
-        dst = torch.zeros_like(like)
-    return dst.index_copy_(0, idx, src)
+def mt_conv2d_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias,
+                            stride, padding, dilation, groups):
+    """y = conv(x, W) + b over the whole batch, then y_t += conv(x_t, ΔW_t) per open task
+    (linearity). No conv has an out= form, so splitting the batch into runs would copy every
+    output once; the extra product over the open tasks' rows costs less (measured with
+    ``taps-fast bench --suite multitask``), and W + ΔW is never formed."""
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, _CONV)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    for t, sel in _groups(task_ids, is_open):
+        _add_rows(y, sel, F.conv2d(_take(x, sel), deltas[int(slot[t])], None, stride, padding, dilation, groups))
+    return y
 
 
-def _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx,
-                      needs_ddeltas, needs_dscores, g_of, dx_of, closed_ds, where):
-    """dx by the same groups as the forward; per task present with a slot: G_t once, dΔW and ds
-    from it (open), or ds block by block without forming G (closed)."""
-    is_open = _open_tasks(task_ids, slot, scores, thresholds, where)
-    T = slot.numel()
-    dx = None
-    if needs_dx:
-        base, tasks = _groups(task_ids, is_open)
-        parts = [(base, weight)] if (base is None or base.numel()) else []
-        parts += [(idx, weight + deltas[int(slot[t])]) for t, idx in tasks]
-        for idx, w in parts:
-            dx = _scatter_rows(dx, dx_of(_take(dy, idx), _take(x, idx), w), idx, x)
-        if dx is None:  # an empty batch
-            dx = torch.zeros_like(x)
+def _task_grads(dy, x, task_ids, deltas, slot, is_open, needs_ddeltas, needs_dscores, g_of, closed_ds):
+    """Per task present with a delta here: G_t once (open: dΔW = G_t, ds = ⟨G_t, ΔW⟩), or ds
+    block by block without forming G_t (closed: dΔW = 0; ds flows, straight-through)."""
     ddeltas = torch.zeros_like(deltas) if needs_ddeltas else None
-    dscores = torch.zeros(T, dtype=acc_dtype(scores.dtype), device=scores.device) if needs_dscores else None
+    dscores = torch.zeros(slot.numel(), dtype=acc_dtype(deltas.dtype), device=deltas.device) if needs_dscores else None
     if needs_ddeltas or needs_dscores:
-        for t, s, idx in _slotted(task_ids, slot):
-            dyt, xt = _take(dy, idx), _take(x, idx)
+        for t, sel in _groups(task_ids, slot >= 0):
+            s = int(slot[t])
+            dyt, xt = _take(dy, sel), _take(x, sel)
             if bool(is_open[t]):
                 g = g_of(dyt, xt)
                 if needs_ddeltas:
                     ddeltas[s].copy_(g)
                 if needs_dscores:
                     dscores[t] = inner(g, deltas[s])
-            elif needs_dscores:  # closed: dΔW = 0, ds still flows (straight-through)
+            elif needs_dscores:
                 dscores[t] = closed_ds(dyt, xt, deltas[s])
-    return (
-        dx if dx is not None else empty0(x),
-        ddeltas if ddeltas is not None else empty0(deltas),
-        dscores.to(scores.dtype) if dscores is not None else empty0(scores),
-    )
+    return ddeltas, dscores
+
+
+def _pack(x, deltas, scores, dx, ddeltas, dscores):
+    return (dx if dx is not None else empty0(x),
+            ddeltas if ddeltas is not None else empty0(deltas),
+            dscores.to(scores.dtype) if dscores is not None else empty0(scores))
 
 
 def mt_linear_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
                             needs_dx, needs_ddeltas, needs_dscores):
     n, k = weight.shape
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, _LIN)
+    dx = None
+    if needs_dx:  # the forward's scheme with the transposed weights
+        runs = _runs(task_ids, is_open)
+        if runs is None:
+            dx = dy @ weight
+            for t, sel in _groups(task_ids, is_open):
+                _add_rows(dx, sel, _take(dy, sel) @ deltas[int(slot[t])])
+        else:
+            per = x[0].numel() // k if x.shape[0] else 0
+            dx = x.new_empty(x.shape)
+            dx2, dy2 = dx.view(-1, k), dy.reshape(-1, n)
+            for a, b, t in runs:
+                w = weight if t < 0 else weight + deltas[int(slot[t])]
+                _rows_mm(dy2, w, dx2, a * per, b * per, None)
 
     def g_of(dyt, xt):
         return dyt.reshape(-1, n).t() @ xt.reshape(-1, k)
@@ -221,35 +258,33 @@ def mt_linear_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thres
     def closed_ds(dyt, xt, d):
         return _linear_closed_ds(dyt.reshape(-1, n), xt.reshape(-1, k), d)
 
-    return _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds, needs_dx,
-                             needs_ddeltas, needs_dscores, g_of, lambda dyt, xt, w: dyt @ w,
-                             closed_ds, _LIN)
-
-
-def mt_conv2d_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias,
-                            stride, padding, dilation, groups):
-    return _grouped_forward(x, task_ids, weight, deltas, slot, scores, thresholds,
-                            lambda xg, w: F.conv2d(xg, w, bias, stride, padding, dilation, groups), _CONV)
+    dd, ds = _task_grads(dy, x, task_ids, deltas, slot, is_open, needs_ddeltas, needs_dscores, g_of, closed_ds)
+    return _pack(x, deltas, scores, dx, dd, ds)
 
 
 def mt_conv2d_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
                             stride, padding, dilation, groups, needs_dx, needs_ddeltas, needs_dscores):
+    is_open = _open_tasks(task_ids, slot, scores, thresholds, _CONV)
+
     def conv_bwd(dyt, xt, w, mask):
         return _aten.convolution_backward(dyt, xt, w, None, stride, padding, dilation, False,
                                           [0, 0], groups, mask)
 
+    dx = None
+    if needs_dx:  # linearity, as the forward
+        dx = conv_bwd(dy, x, weight, [True, False, False])[0]
+        for t, sel in _groups(task_ids, is_open):
+            _add_rows(dx, sel, conv_bwd(_take(dy, sel), _take(x, sel), deltas[int(slot[t])], [True, False, False])[0])
+        dx = match_layout(dx, x)
+
     def g_of(dyt, xt):
         return conv_bwd(dyt, xt, weight, [False, True, False])[1]
-
-    def dx_of(dyt, xt, w):
-        return conv_bwd(dyt, xt, w, [True, False, False])[0]
 
     def closed_ds(dyt, xt, d):
         return _conv_closed_ds(dyt, xt, d, stride, padding, dilation, groups)
 
-    dx, dd, ds = _grouped_backward(dy, x, task_ids, weight, deltas, slot, scores, thresholds,
-                                   needs_dx, needs_ddeltas, needs_dscores, g_of, dx_of, closed_ds, _CONV)
-    return (match_layout(dx, x) if needs_dx else dx), dd, ds
+    dd, ds = _task_grads(dy, x, task_ids, deltas, slot, is_open, needs_ddeltas, needs_dscores, g_of, closed_ds)
+    return _pack(x, deltas, scores, dx, dd, ds)
 
 
 # ----------------------------------------------------------------------------- custom ops
