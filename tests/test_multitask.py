@@ -8,7 +8,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from taps_fast import MultiTaskModel, TaskFileError, convert, save_task, taps_layers
@@ -47,11 +46,11 @@ def make_task(plain, seed, classes, close_every=3):
     return m
 
 
-def build(arch, T=4, via_file=(), tmp_path=None, classes=None):
+def build(arch, T=4, via_file=(), tmp_path=None, classes=None, cpu_chunk=8):
     plain = make_plain(arch)
     tasks = [make_task(plain, seed=s + 1, classes=(classes or [3, 7, 5, 2, 4, 6])[s % 6]) for s in range(T)]
     base_oracle = convert(copy.deepcopy(plain))
-    mt = MultiTaskModel(copy.deepcopy(plain))
+    mt = MultiTaskModel(copy.deepcopy(plain), cpu_chunk=cpu_chunk)
     for i, t in enumerate(tasks):
         if i in via_file:
             path = tmp_path / f"t{i}.safetensors"
@@ -94,10 +93,16 @@ def check_rows(out, rows, ids, tasks, base_oracle, dtype=torch.float64):
         assert torch.isneginf(out[i, c:]).all(), f"row {i}: padding past its {c} outputs must be -inf"
 
 
+# CPU paths: task-pure chunks (cpu_chunk=3: a task with more samples is cut, the default path
+# on a CPU) and the mixed-batch ops in one call (cpu_chunk=0: the GPU's path).
+PATHS = pytest.mark.parametrize("cpu_chunk", [3, 0], ids=["chunks", "mixed"])
+
+
+@PATHS
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
 @pytest.mark.parametrize("dist", ["uniform", "zipf", "single", "some_absent", "all_base"])
-def test_mixed_batch_matches_each_tasks_model(arch, dist, tmp_path):
-    mt, tasks, base_oracle = build(arch, T=4, via_file=(1,), tmp_path=tmp_path)
+def test_mixed_batch_matches_each_tasks_model(arch, dist, cpu_chunk, tmp_path):
+    mt, tasks, base_oracle = build(arch, T=4, via_file=(1,), tmp_path=tmp_path, cpu_chunk=cpu_chunk)
     for m in [mt, base_oracle] + tasks:
         m.eval()
     g = torch.Generator().manual_seed(3)
@@ -139,11 +144,12 @@ def test_names_and_ids_agree():
     assert mt.num_outputs("t1") == 7 and mt.num_outputs("base") == 5
 
 
+@PATHS
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
-def test_joint_training_gradients_equal_each_tasks_own(arch):
+def test_joint_training_gradients_equal_each_tasks_own(arch, cpu_chunk):
     """One mixed batch, train mode: every task's deltas, scores, norms and head get the
     gradients of its own model trained on its rows alone (per-task BatchNorm statistics)."""
-    mt, tasks, _ = build(arch, T=3)
+    mt, tasks, _ = build(arch, T=3, cpu_chunk=cpu_chunk)
     mt.train()
     for t in tasks:
         t.train()
@@ -162,7 +168,8 @@ def test_joint_training_gradients_equal_each_tasks_own(arch):
         F.cross_entropy(model(x[rows]), labels[rows], reduction="sum").backward()
         for name, layer in taps_layers(model):
             mtl = layers["base." + name]
-            assert_rel_close(mtl.scores.grad[t], layer.score.grad, torch.float64, bounds=RTOL_MODEL, what=f"ds {name} task {t}")
+            ds = mtl.scores.grad[t] if mtl.scores.grad is not None else torch.zeros((), dtype=torch.float64)
+            assert_rel_close(ds, layer.score.grad, torch.float64, bounds=RTOL_MODEL, what=f"ds {name} task {t}")
             s = int(mtl.slot[t])
             if layer.is_open:
                 assert_rel_close(mtl.deltas.grad[s], layer.delta.grad, torch.float64, bounds=RTOL_MODEL, what=f"dΔW {name} task {t}")
@@ -286,10 +293,11 @@ def test_foreign_task_refused_and_model_unchanged(small, tmp_path):
     _unchanged(small, snap)
 
 
-def test_fallback_norms_groupnorm_model():
+@PATHS
+def test_fallback_norms_groupnorm_model(cpu_chunk):
     """A model whose norms are not BatchNorm/LayerNorm (GroupNorm): served per task present."""
     arch = "test_efficientnet_gn"
-    mt, tasks, base_oracle = build(arch, T=3)
+    mt, tasks, base_oracle = build(arch, T=3, cpu_chunk=cpu_chunk)
     for m in [mt, base_oracle] + tasks:
         m.eval()
     x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
