@@ -47,6 +47,7 @@ from .checkpoint import TaskFileError, fingerprint_of, read_task_file, task_tens
 from .convert import convert, is_norm, resolve_head, taps_layers
 from .modules import TAPSConv2d, TAPSLinear
 from .ops import taps_conv2d, taps_linear
+from .ops._common import gate_is_open
 from .ops.multitask import check_task_ids, check_task_ids_meta, taps_mt_conv2d, taps_mt_linear
 
 BASE = "base"
@@ -124,12 +125,18 @@ class _MTGated(nn.Module):
         self.slot = slot
         self.thresholds = self.thresholds[keep_t]
 
-    def _single(self, t: int):
-        """(delta, score, threshold) of task t on this layer, or None when it computes with W."""
+    def _single(self, t: int, x: Tensor):
+        """Task t on this layer: (delta, score, threshold) for the single-task op, or the weight
+        to use directly: W (no delta here), or, when nothing needs a gradient (serving), W or
+        W + ΔW by the gate, skipping the custom op's dispatch (on the CPU about 0.1 ms a call,
+        8% of vit_tiny's forward at batch 16)."""
         s = int(self.slot[t]) if t >= 0 else -1
         if s < 0:
-            return None
-        return self.deltas[s], self.scores[t], float(self.thresholds[t])
+            return self.weight
+        d, score, thr = self.deltas[s], self.scores[t], float(self.thresholds[t])
+        if not torch.is_grad_enabled() or not (d.requires_grad or score.requires_grad or x.requires_grad):
+            return self.weight + d if gate_is_open(score, thr, type(self).__name__) else self.weight
+        return d, score, thr
 
     def _taps_args(self):
         return (self._ctx.get(type(self).__name__), self.weight, self.deltas, self.slot, self.scores,
@@ -150,9 +157,9 @@ class MultiTaskLinear(_MTGated):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._ctx.task is not None:  # a task-pure chunk: the single-task op (or W alone)
-            one = self._single(self._ctx.task)
-            if one is None:
-                return F.linear(x, self.weight, self.bias)
+            one = self._single(self._ctx.task, x)
+            if isinstance(one, Tensor):
+                return F.linear(x, one, self.bias)
             d, s, thr = one
             return taps_linear(x, self.weight, d, s, self.bias, thr)
         ids, w, d, slot, s, thr = self._taps_args()
@@ -174,9 +181,9 @@ class MultiTaskConv2d(_MTGated):
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         if self._ctx.task is not None:  # a task-pure chunk: the single-task op (or W alone)
-            one = self._single(self._ctx.task)
-            if one is None:
-                return F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            one = self._single(self._ctx.task, x)
+            if isinstance(one, Tensor):
+                return F.conv2d(x, one, self.bias, self.stride, padding, self.dilation, self.groups)
             d, s, thr = one
             return taps_conv2d(x, self.weight, d, s, self.bias, self.stride, padding, self.dilation,
                                self.groups, thr)
