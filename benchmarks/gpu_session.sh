@@ -13,10 +13,19 @@ pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
   python -m taps_fast.info
 } > "$OUT/gpu_info.txt" 2>&1
 # GPU tests: the interpreter-tier tests run on the GPU, plus the large shapes and bf16.
-python -m pytest tests/test_triton.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+python -m pytest tests/test_triton.py tests/test_mt_linear_kernels.py tests/test_mt_conv_kernels.py \
+  tests/test_mt_ops.py tests/test_multitask.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/gpu_tests.txt"
 python -m taps_fast.bench --suite kernels --quiet --out "$OUT/kernels_cuda.json" > "$OUT/kernels_cuda.txt" 2>&1
 echo "kernels rc=$?" >> "$OUT/kernels_cuda.txt"
 python -m taps_fast.bench --quiet --batch 64 --resolution 224 --out "$OUT/bench_cuda.json" > "$OUT/bench_cuda.txt" 2>&1
 echo "models rc=$?" >> "$OUT/bench_cuda.txt"
+# Multi-task (issue 4's GPU targets): one linear layer M = N = K = 4096, T = 32, a quarter open;
+# ViT-B/16 end to end, batch 256, T = 32.
+python -m taps_fast.bench --suite multitask --layer 4096,4096,4096,32 --out "$OUT/mt_layer_cuda.json" \
+  > "$OUT/mt_layer_cuda.txt" 2>&1
+echo "mt layer rc=$?" >> "$OUT/mt_layer_cuda.txt"
+python -m taps_fast.bench --suite multitask --models vit_base_patch16_224 --batch 256 --tasks 32 \
+  --out "$OUT/mt_vitb_cuda.json" > "$OUT/mt_vitb_cuda.txt" 2>&1
+echo "mt vit-b rc=$?" >> "$OUT/mt_vitb_cuda.txt"
 tail -n 3 "$OUT"/*.txt

@@ -79,3 +79,24 @@ def test_kernels_suite_quick(tmp_path):
     assert all(r["ratio_to_floor"] > 0 and r["GBps"] > 0 for r in rows)
     assert all(r["ratio_to_floor"] == 1.0 for r in rows if r["provider"] == "floor")
     assert rec["ceilings"]["bandwidth_GBps"] > 0 and rec["ceilings"]["matmul_TFLOPs"] > 0
+
+
+def test_multitask_suite_tiny(tmp_path, capsys):
+    """taps-fast bench --suite multitask end to end on a tiny model: every provider agrees with
+    the merged copies (checked inside the suite), ratios, weight bytes and a peak-RSS probe."""
+    out = tmp_path / "mt.json"
+    from taps_fast import bench_multitask as bm
+
+    rc = cli.main(["bench", "--suite", "multitask", "--models", "test_resnet", "--resolution", "32",
+                   "--batch", "6", "--tasks", "3", "--repeats", "1", "--warmup", "0", "--no-rss",
+                   "--out", str(out)])
+    assert rc == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"peft", "merged", "base", "taps"}
+    assert rows["merged"]["time_vs_merged"] == 1.0
+    # the weights held: the merged copies hold T models; taps the base plus the open deltas
+    assert rows["taps"]["weight_bytes"] < rows["merged"]["weight_bytes"]
+    assert "taps" in capsys.readouterr().out
+    # the peak-RSS probe: a fresh process building one provider (one probe keeps the test short)
+    paths = bm.write_tasks("test_resnet", 2, 0.25, str(tmp_path))
+    assert bm.rss_probe("taps", "test_resnet", paths, 2, "cpu", "float32") > 50 * 2**20
