@@ -50,35 +50,22 @@ from ._common import (
 _KEY = ["B", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"]
 
 
-@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+# ----------------------------------------------------------------------------- shared tap loops
+# The implicit-GEMM reductions, shared by these kernels and the multi-task ones (mt_conv.py);
+# @triton.jit calls are inlined, so the compiled kernels are what the loops written in place
+# gave (the static check's registers did not change).
 @triton.jit
-def _taps_conv2d_fwd_kernel(
-    x_ptr, w_ptr, d_ptr, s_ptr, b_ptr, y_ptr,
-    B, C, H, W, OC, OH, OW, KH, KW, threshold,
-    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
-    sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, syb, syc, syh, syw,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    M = B * OH * OW
-    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(OC, BLOCK_N), GROUP_M)
-    is_open, _, poison = gate(s_ptr, threshold)
-    n_open = OC * is_open.to(tl.int32)  # ΔW column bound: 0 when closed (see linear.py)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def conv_fwd_taps(acc, x_ptr, w_ptr, d_ptr, bi, oh, ow, mrow, rn, n_open, taps,
+                  C, H, W, OC, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                  sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3,
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[rows, rn] += Σ over the first ``taps`` taps (i, j) and the C input channels of
+    x[bi, c, oh·sh - ph + i·dh, ow·sw - pw + j·dw]·(W + ΔW)[rn, c, i, j]; ΔW columns ≥ n_open
+    are predicated off (a closed gate reads W only). Taps outer, channel blocks inner: the pixel
+    address and the padding mask are per-row vectors computed once per tap (an earlier version
+    decomposed every k of the tile and spilled 200-1400 bytes per thread on sm_80/sm_90)."""
     rk = tl.arange(0, BLOCK_K)
-    bi = rm // (OH * OW)
-    pq = rm % (OH * OW)
-    oh = pq // OW
-    ow = pq % OW
-    mrow = rm < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # Outer loop over the taps (i, j), inner over channel blocks: the pixel address and the
-    # padding mask are per-row vectors, computed once per tap, and a tile is their broadcast
-    # with the channel offsets (no per-element division; an earlier version decomposed every k
-    # of the tile and spilled 200-1400 bytes per thread on sm_80/sm_90).
-    for ij in range(0, KH * KW):
+    for ij in range(0, taps):
         ki = ij // KW
         kj = ij % KW
         ih = oh * str_h - pad_h + ki * dil_h
@@ -96,6 +83,67 @@ def _taps_conv2d_fwd_kernel(
             d = tl.load(d_ptr + dtap + c[:, None] * sd1 + rn[None, :] * sd0,
                         mask=cm[:, None] & (rn[None, :] < n_open), other=0.0)
             acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def conv_dgrad_taps(acc, dy_ptr, w_ptr, d_ptr, bi, ih, iw, mrow, rn, n_open, taps,
+                    C, OC, OH, OW, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                    syb, syc, syh, syw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3,
+                    PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[rows, rn] += Σ over the taps (i, j) that land on an output pixel and the OC output
+    channels of dy[bi, o, (ih + ph - i·dh)/sh, (iw + pw - j·dw)/sw]·(W + ΔW)[o, rn, i, j]."""
+    rk = tl.arange(0, BLOCK_K)
+    for ij in range(0, taps):  # taps outer, output-channel blocks inner (as the forward)
+        ki = ij // KW
+        kj = ij % KW
+        th = ih + pad_h - ki * dil_h
+        tw = iw + pad_w - kj * dil_w
+        oh = th // str_h
+        ow = tw // str_w
+        # th >= 0 is part of the mask: the // and % of a negative th never reach memory.
+        rowok = mrow & (th >= 0) & (tw >= 0) & (th % str_h == 0) & (tw % str_w == 0) & (oh < OH) & (ow < OW)
+        dyrow = bi * syb + oh * syh + ow * syw
+        wtap = ki * sw2 + kj * sw3
+        dtap = ki * sd2 + kj * sd3
+        for o0 in range(0, OC, BLOCK_K):
+            o = o0 + rk
+            om = o < OC
+            a = tl.load(dy_ptr + dyrow[:, None] + o[None, :] * syc, mask=rowok[:, None] & om[None, :], other=0.0)
+            w = tl.load(w_ptr + wtap + o[:, None] * sw0 + rn[None, :] * sw1,
+                        mask=om[:, None] & (rn[None, :] < C), other=0.0)
+            d = tl.load(d_ptr + dtap + o[:, None] * sd0 + rn[None, :] * sd1,
+                        mask=om[:, None] & (rn[None, :] < n_open), other=0.0)
+            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    return acc
+
+
+@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
+                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.jit
+def _taps_conv2d_fwd_kernel(
+    x_ptr, w_ptr, d_ptr, s_ptr, b_ptr, y_ptr,
+    B, C, H, W, OC, OH, OW, KH, KW, threshold,
+    str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+    sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, syb, syc, syh, syw,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    M = B * OH * OW
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(OC, BLOCK_N), GROUP_M)
+    is_open, _, poison = gate(s_ptr, threshold)
+    n_open = OC * is_open.to(tl.int32)  # ΔW column bound: 0 when closed (see linear.py)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bi = rm // (OH * OW)
+    pq = rm % (OH * OW)
+    oh = pq // OW
+    ow = pq % OW
+    mrow = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = conv_fwd_taps(acc, x_ptr, w_ptr, d_ptr, bi, oh, ow, mrow, rn, n_open, KH * KW,
+                        C, H, W, OC, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                        sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, PREC, BLOCK_K)
     acc += poison
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < OC, other=0.0).to(tl.float32)[None, :]
@@ -120,34 +168,15 @@ def _taps_conv2d_dgrad_kernel(
     n_open = C * is_open.to(tl.int32)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
-    rk = tl.arange(0, BLOCK_K)
     bi = rm // (H * W)
     hw = rm % (H * W)
     ih = hw // W
     iw = hw % W
     mrow = rm < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for ij in range(0, KH * KW):  # taps outer, output-channel blocks inner (as the forward)
-        ki = ij // KW
-        kj = ij % KW
-        th = ih + pad_h - ki * dil_h
-        tw = iw + pad_w - kj * dil_w
-        oh = th // str_h
-        ow = tw // str_w
-        # th >= 0 is part of the mask: the // and % of a negative th never reach memory.
-        rowok = mrow & (th >= 0) & (tw >= 0) & (th % str_h == 0) & (tw % str_w == 0) & (oh < OH) & (ow < OW)
-        dyrow = bi * syb + oh * syh + ow * syw
-        wtap = ki * sw2 + kj * sw3
-        dtap = ki * sd2 + kj * sd3
-        for o0 in range(0, OC, BLOCK_K):
-            o = o0 + rk
-            om = o < OC
-            a = tl.load(dy_ptr + dyrow[:, None] + o[None, :] * syc, mask=rowok[:, None] & om[None, :], other=0.0)
-            w = tl.load(w_ptr + wtap + o[:, None] * sw0 + rn[None, :] * sw1,
-                        mask=om[:, None] & (rn[None, :] < C), other=0.0)
-            d = tl.load(d_ptr + dtap + o[:, None] * sd0 + rn[None, :] * sd1,
-                        mask=om[:, None] & (rn[None, :] < n_open), other=0.0)
-            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    acc = conv_dgrad_taps(acc, dy_ptr, w_ptr, d_ptr, bi, ih, iw, mrow, rn, n_open, KH * KW,
+                          C, OC, OH, OW, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                          syb, syc, syh, syw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, PREC, BLOCK_K)
     acc += poison
     xoff = (bi * sxb + ih * sxh + iw * sxw)[:, None] + rn[None, :] * sxc
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < C))

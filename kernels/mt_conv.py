@@ -79,7 +79,7 @@ from ._common import (
     task_gate,
     wgrad_epilogue,
 )
-from .conv import _conv_args, _geometry
+from .conv import _conv_args, _geometry, conv_dgrad_taps, conv_fwd_taps
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), per element size, from the static check
 # (python -m taps_fast.info --kernels; registers per thread on sm_80 / sm_90). The multi-task
@@ -173,28 +173,10 @@ def _taps_mt_conv2d_fwd_kernel(
     oh = pq // OW
     ow = pq % OW
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    # Taps outer, channel blocks inner: the pixel address and padding mask are per-row vectors
-    # computed once per tap (as in kernels/conv.py, whose per-element decomposition spilled).
-    for ij in range(0, taps):
-        ki = ij // KW
-        kj = ij % KW
-        ih = oh * str_h - pad_h + ki * dil_h
-        iw = ow * str_w - pad_w + kj * dil_w
-        rowok = mrow & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xrow = bi * sxb + ih * sxh + iw * sxw
-        wtap = ki * sw2 + kj * sw3
-        dtap = ki * sd2 + kj * sd3
-        for c0 in range(0, C, BLOCK_K):
-            c = c0 + rk
-            cm = c < C
-            a = tl.load(x_ptr + xrow[:, None] + c[None, :] * sxc, mask=rowok[:, None] & cm[None, :], other=0.0)
-            w = tl.load(w_ptr + wtap + c[:, None] * sw1 + rn[None, :] * sw0,
-                        mask=cm[:, None] & (rn[None, :] < OC), other=0.0)
-            d = tl.load(d_ptr + dtap + c[:, None] * sd1 + rn[None, :] * sd0,
-                        mask=cm[:, None] & (rn[None, :] < n_open), other=0.0)
-            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    acc = conv_fwd_taps(acc, x_ptr, w_ptr, d_ptr, bi, oh, ow, mrow, rn, n_open, taps,
+                        C, H, W, OC, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                        sxb, sxc, sxh, sxw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, PREC, BLOCK_K)
     acc += poison
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < OC, other=0.0).to(tl.float32)[None, :]
@@ -231,29 +213,10 @@ def _taps_mt_conv2d_dgrad_kernel(
     ih = hw // W
     iw = hw % W
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels
-    rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for ij in range(0, taps):  # taps outer, output-channel blocks inner (as the forward)
-        ki = ij // KW
-        kj = ij % KW
-        th = ih + pad_h - ki * dil_h
-        tw = iw + pad_w - kj * dil_w
-        oh = th // str_h
-        ow = tw // str_w
-        # th >= 0 is part of the mask: the // and % of a negative th never reach memory.
-        rowok = mrow & (th >= 0) & (tw >= 0) & (th % str_h == 0) & (tw % str_w == 0) & (oh < OH) & (ow < OW)
-        dyrow = bi * syb + oh * syh + ow * syw
-        wtap = ki * sw2 + kj * sw3
-        dtap = ki * sd2 + kj * sd3
-        for o0 in range(0, OC, BLOCK_K):
-            o = o0 + rk
-            om = o < OC
-            a = tl.load(dy_ptr + dyrow[:, None] + o[None, :] * syc, mask=rowok[:, None] & om[None, :], other=0.0)
-            w = tl.load(w_ptr + wtap + o[:, None] * sw0 + rn[None, :] * sw1,
-                        mask=om[:, None] & (rn[None, :] < C), other=0.0)
-            d = tl.load(d_ptr + dtap + o[:, None] * sd0 + rn[None, :] * sd1,
-                        mask=om[:, None] & (rn[None, :] < n_open), other=0.0)
-            acc = tl.dot(a, w + d, acc, input_precision=PREC)
+    acc = conv_dgrad_taps(acc, dy_ptr, w_ptr, d_ptr, bi, ih, iw, mrow, rn, n_open, taps,
+                          C, OC, OH, OW, KW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                          syb, syc, syh, syw, sw0, sw1, sw2, sw3, sd0, sd1, sd2, sd3, PREC, BLOCK_K)
     acc += poison
     bi = _reload_samples(seg, tile, rows, order_ptr, seg_start_ptr, P, BLOCK_M)
     xoff = (bi * sxb + ih * sxh + iw * sxw)[:, None] + rn[None, :] * sxc
