@@ -228,6 +228,27 @@ def same_padding(kernel_size, dilation) -> Tuple[List[int], List[int]]:
     return sym, extra
 
 
+def conv_geometry(op: str, x: Tensor, weight: Tensor, stride, padding, dilation):
+    """F.conv2d's stride / padding (an int, a pair, 'same' or 'valid') / dilation as int pairs;
+    'same' with an even kernel pads x's bottom and right by one more (as PyTorch does)."""
+    stride = as_int_list(stride, 2, f"{op}: stride")
+    dilation = as_int_list(dilation, 2, f"{op}: dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            if stride != [1, 1]:
+                raise ValueError(f"{op}: padding='same' is not supported for strided convolutions (stride={stride})")
+            padding, extra = same_padding(weight.shape[2:], dilation)
+            if any(extra):
+                x = F.pad(x, [0, extra[1], 0, extra[0]])
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    else:
+        padding = as_int_list(padding, 2, f"{op}: padding")
+    return x, stride, padding, dilation
+
+
 def check_conv2d(x, weight, delta, score, bias, groups, threshold) -> None:
     check_common(_OP, x, weight, delta, score, bias, threshold)
     if weight.dim() != 4:
@@ -261,20 +282,6 @@ def taps_conv2d(
     if unbatched:
         x = x.unsqueeze(0)
     check_conv2d(x, weight, delta, score, bias, groups, threshold)
-    stride = as_int_list(stride, 2, f"{_OP}: stride")
-    dilation = as_int_list(dilation, 2, f"{_OP}: dilation")
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0, 0]
-        elif padding == "same":
-            if stride != [1, 1]:
-                raise ValueError(f"{_OP}: padding='same' is not supported for strided convolutions (stride={stride})")
-            padding, extra = same_padding(weight.shape[2:], dilation)
-            if any(extra):
-                x = F.pad(x, [0, extra[1], 0, extra[0]])
-        else:
-            raise ValueError(f"{_OP}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    else:
-        padding = as_int_list(padding, 2, f"{_OP}: padding")
+    x, stride, padding, dilation = conv_geometry(_OP, x, weight, stride, padding, dilation)
     y = _conv2d_op(x, weight, delta, score, bias, stride, padding, dilation, groups, float(threshold))
     return y.squeeze(0) if unbatched else y

@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ._common import acc_dtype, as_int_list, autocast_inputs, empty0, inner, match_layout
+from ._common import acc_dtype, autocast_inputs, empty0, inner, match_layout
 from .conv import _closed_ds as _conv_closed_ds
-from .conv import _out_format, _restride, conv_out_size, same_padding
+from .conv import _out_format, _restride, conv_geometry, conv_out_size
 from .linear import _closed_ds as _linear_closed_ds
 
 _aten = torch.ops.aten
@@ -523,21 +523,7 @@ def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
         raise ValueError(f"{_CONV}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
                          f"with groups={groups}: expected [B, {weight.shape[1] * groups}, H, W]")
     _check_ids(_CONV, task_ids, x, slot, check_ids)
-    stride = as_int_list(stride, 2, f"{_CONV}: stride")
-    dilation = as_int_list(dilation, 2, f"{_CONV}: dilation")
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = [0, 0]
-        elif padding == "same":
-            if stride != [1, 1]:
-                raise ValueError(f"{_CONV}: padding='same' is not supported for strided convolutions")
-            padding, extra = same_padding(weight.shape[2:], dilation)
-            if any(extra):
-                x = F.pad(x, [0, extra[1], 0, extra[0]])
-        else:
-            raise ValueError(f"{_CONV}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    else:
-        padding = as_int_list(padding, 2, f"{_CONV}: padding")
+    x, stride, padding, dilation = conv_geometry(_CONV, x, weight, stride, padding, dilation)
     return _mt_conv2d_op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
                          dilation, groups)
 
