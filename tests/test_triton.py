@@ -264,7 +264,9 @@ def test_opcheck_triton():
                                [2, 2], [1, 1], [1, 1], 1, 0.1, True, True, True, True, True))
 
 
-@pytest.mark.parametrize("name, res, kw", [("test_resnet", 32, {}), ("test_vit", 32, {"img_size": 32})],
+# 16 px for the ResNet: its stem and stages still run every conv kind (7x7 s2, 3x3, 1x1, the
+# strided downsample) and the interpreter's cost is per output tile (75 s at 32 px).
+@pytest.mark.parametrize("name, res, kw", [("test_resnet", 16, {}), ("test_vit", 32, {"img_size": 32})],
                          ids=["test_resnet", "test_vit"])
 def test_compiled_timm_model_matches_eager(name, res, kw):
     """Small inputs: under the interpreter every conv of the model runs as numpy tile loops."""
