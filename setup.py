@@ -73,7 +73,7 @@ setup(
     extras_require={
         "timm": ["timm>=1.0", "torchvision>=0.21"],
         "triton": ["triton>=3.2"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "timm>=1.0", "torchvision>=0.21"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "timm>=1.0", "torchvision>=0.21"],
     },
     entry_points={"console_scripts": ["taps-fast=taps_fast.cli:main"]},
     ext_modules=ext_modules,
