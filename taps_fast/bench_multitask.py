@@ -167,15 +167,13 @@ def merged_copy(plain: nn.Module, tensors: Dict[str, torch.Tensor], head: str) -
 
 
 def weight_bytes(objs) -> int:
-    seen, total = set(), 0
+    """Bytes held by a provider's models and tensor dicts (each storage once)."""
+    from .multitask import storage_bytes
+
+    ts = []
     for o in objs:
-        ts = list(o.parameters()) + list(o.buffers()) if isinstance(o, nn.Module) else list(o.values())
-        for t in ts:
-            key = t.untyped_storage().data_ptr()
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
+        ts += list(o.parameters()) + list(o.buffers()) if isinstance(o, nn.Module) else list(o.values())
+    return storage_bytes(ts)
 
 
 def batch(arch: str, B: int, T: int, device, dtype, seed: int = 1):

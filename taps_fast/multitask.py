@@ -362,8 +362,7 @@ class MultiTaskNormFallback(_MTNorm):
             return self._run(self._ctx.task, x)
         ids = self._ctx.get("MultiTaskNormFallback")
         out = None
-        groups = [(-1, None)] + [(t, None) for t in torch.unique(ids[ids >= 0]).tolist()]
-        for t, _ in groups:
+        for t in [-1] + torch.unique(ids[ids >= 0]).tolist():
             idx = (ids == t).nonzero().flatten()
             if idx.numel() == 0:
                 continue
@@ -799,16 +798,21 @@ class MultiTaskModel(nn.Module):
     # -- accounting
     def weight_bytes(self) -> int:
         """Bytes of every parameter and buffer held (each storage once)."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-        return total
+        return storage_bytes(list(self.parameters()) + list(self.buffers()))
 
     def extra_repr(self) -> str:
         return f"tasks={self.tasks}"
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once (views share)."""
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _cat_chunks(outs: list):

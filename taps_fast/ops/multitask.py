@@ -49,7 +49,7 @@ from torch import Tensor
 from .. import dispatch
 from ._common import acc_dtype, autocast_inputs, empty0, inner, match_layout
 from .conv import _closed_ds as _conv_closed_ds
-from .conv import _out_format, _restride, conv_geometry, conv_out_size
+from .conv import _conv2d_fake, _out_format, _restride, _y_numel, conv_geometry
 from .linear import _closed_ds as _linear_closed_ds
 
 _aten = torch.ops.aten
@@ -371,26 +371,16 @@ _mt_linear_op.register_autograd(_mt_linear_backward, setup_context=_mt_linear_se
 def _mt_conv2d_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor], stride: List[int],
                   padding: List[int], dilation: List[int], groups: int) -> Tensor:
-    be = dispatch.select("mt_conv2d_fwd", **_meta(x, weight, deltas, _conv_y_numel(x, weight, stride, padding, dilation), groups))
+    be = dispatch.select("mt_conv2d_fwd", **_meta(x, weight, deltas, _y_numel(x, weight, stride, padding, dilation), groups))
     y = be.kernels["mt_conv2d_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias,
                                     stride, padding, dilation, groups)
     return _restride(y, _out_format(x))
 
 
-def _conv_y_numel(x, weight, stride, padding, dilation) -> int:
-    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.shape[0] * weight.shape[0] * ho * wo
-
-
 @_mt_conv2d_op.register_fake
 def _mt_conv2d_fake(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
                     dilation, groups):
-    b, _, h, w = x.shape
-    ho = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    return torch.empty((b, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                       memory_format=_out_format(x))
+    return _conv2d_fake(x, weight, deltas, scores, bias, stride, padding, dilation, groups, 0.0)
 
 
 @torch.library.custom_op("taps_fast::mt_conv2d_backward", mutates_args=())
