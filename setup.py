@@ -42,14 +42,30 @@ def _extensions():
         return [], {}
     with_cuda = (bool(cu) and os.environ.get("TAPS_FAST_NO_CUDA") != "1"
                  and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None)
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 for torch
+    # 2.14, C++17 for the 2.11 on the GPU machines).
+    # -fopenmp: at::parallel_for is header-only over OpenMP (ATen/ParallelOpenMP.h) and runs the
+    # whole range on one thread in a translation unit compiled without it. The extension then
+    # shares torch's already-loaded libgomp (same soname) and its thread count.
+    args = {"cxx": ["-O3", "-fopenmp"]}
+    link = ["-fopenmp"]
+    macros = [("TAPS_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        args["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        # sm_80 (A100) and sm_90 (H100/H200): the cards the kernels are written and tuned for.
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # No --use_fast_math: the kernels only multiply-add, and fast-math would flush fp32
+        # denormals in the accumulators, which the CPU path and torch do not.
+        args["nvcc"] = ["-O3", "-lineinfo"]
+        macros += [("TAPS_FAST_WITH_CUDA", "1"), ("TAPS_FAST_CUDA_ARCHS", f'"{archs}"')]
         ext = cpp_extension.CUDAExtension("taps_fast._C", cpp + cu, extra_compile_args=args,
-                                          define_macros=[("TAPS_FAST_WITH_CUDA", "1")])
+                                          extra_link_args=link, define_macros=macros)
     else:
-        ext = cpp_extension.CppExtension("taps_fast._C", cpp, extra_compile_args={"cxx": args["cxx"]})
+        why = ("TAPS_FAST_NO_CUDA=1" if os.environ.get("TAPS_FAST_NO_CUDA") == "1"
+               else "no nvcc (set CUDA_HOME)" if cpp_extension.CUDA_HOME is None
+               else "torch has no CUDA" if torch.version.cuda is None else "no .cu sources")
+        print(f"taps_fast: building the C++ CPU part of the extension only ({why})")
+        ext = cpp_extension.CppExtension("taps_fast._C", cpp, extra_compile_args={"cxx": args["cxx"]},
+                                         extra_link_args=link, define_macros=macros)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,0 +1,51 @@
+"""Static check of the extension's CUDA kernels (no GPU needed): every _taps_small* kernel, on
+every architecture it was built for, is free of stack/local memory (no register spills) and its
+SASS has 128-bit global loads (the unaligned *_scalar_kernel fallbacks are exempt from the
+latter by design). Skipped when the extension was built without its CUDA part or when cuobjdump
+is not available."""
+import pytest
+
+from taps_fast import ext_check
+
+
+@pytest.fixture(scope="module")
+def rows():
+    try:
+        from taps_fast import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        pytest.skip(f"taps_fast._C is not built ({e})")
+    if not _C.build_info()["cuda"]:
+        pytest.skip("taps_fast._C was built without its CUDA part")
+    if ext_check.find_cuobjdump() is None:
+        pytest.skip("cuobjdump not found (triton/backends/nvidia/bin, PATH, $CUDA_HOME/bin)")
+    return ext_check.check(_C.__file__)
+
+
+def test_both_ops_have_kernels_for_every_arch(rows):
+    from taps_fast import _C  # type: ignore[attr-defined]
+
+    archs = {f"sm_{a.replace('.', '')}" for a in _C.build_info()["cuda_archs"].split(";") if a}
+    for kernel in ("_taps_small_linear_fwd_kernel", "_taps_small_mt_linear_fwd_kernel"):
+        built = {r["arch"] for r in rows if kernel + "<" in r["name"]}
+        assert built, f"{kernel} not found in the extension"
+        # "8.0;9.0" -> sm_80, sm_90 (a +PTX entry adds no SASS of its own)
+        want = {a.split("+")[0] for a in archs}
+        assert want <= built, f"{kernel}: SASS for {sorted(built)}, built for {sorted(want)}"
+
+
+def test_no_spills(rows):
+    bad = [f"{r['name']} {r['arch']}: STACK={r['stack']} LOCAL={r['local']}" for r in rows
+           if r["stack"] or r["local"]]
+    assert not bad, "kernels with local memory (spills):\n" + "\n".join(bad)
+
+
+def test_128bit_loads(rows):
+    bad = [f"{r['name']} {r['arch']}" for r in rows if r["needs_ldg128"] and not r["ldg128"]]
+    assert not bad, "kernels without 128-bit global loads (LDG.E.128):\n" + "\n".join(bad)
+
+
+def test_main_exit_status(rows, capsys):
+    from taps_fast import _C  # type: ignore[attr-defined]
+
+    assert ext_check.main([_C.__file__]) == 0
+    assert "_taps_small_linear_fwd_kernel" in capsys.readouterr().out
