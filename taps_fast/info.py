@@ -1,7 +1,8 @@
 """What taps_fast can run here: ``python -m taps_fast.info`` (or ``taps-fast info``).
 
 Prints the versions (taps_fast, torch, triton, timm, python), CUDA and the device, TRITON_INTERPRET,
-whether the compiled extension loaded, and for every op and backend whether it serves this
+whether the compiled extension loaded and what it contains (the C++ CPU kernels; the CUDA kernels
+and their GPU architectures, or why they were not built), and for every op and backend whether it serves this
 machine's default device in float32 / float16 / bfloat16 and, if not, why; then which backend
 the dispatcher selects. ``--kernels`` runs the static GPU check instead (kernel_check.py).
 """
@@ -39,6 +40,7 @@ def report(device: Optional[torch.device] = None) -> str:
     """The whole report as text."""
     import taps_fast
     from taps_fast import _ext, dispatch
+    from taps_fast.ops.ext_backend import SMALL_M
 
     device = device or default_device()
     lines: List[str] = []
@@ -61,16 +63,25 @@ def report(device: Optional[torch.device] = None) -> str:
     kv.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "(unset)")))
     kv.append((dispatch.ENV_VAR, os.environ.get(dispatch.ENV_VAR, "(unset)")))
     mod, why = _ext.load()
-    kv.append(("compiled extension", f"loaded ({getattr(mod, '__file__', mod)})" if mod is not None else f"not loaded: {why}"))
+    if mod is not None:
+        bi = _ext.build_info()
+        kv.append(("compiled extension", f"loaded ({getattr(mod, '__file__', mod)}), built against torch {bi.get('torch')}"))
+        archs = ", ".join(f"sm_{a.replace('.', '')}" for a in bi.get("cuda_archs", "").replace(" ", ";").split(";") if a)
+        kv.append(("  C++ CPU kernels", "built (backend 'cpp')"))
+        kv.append(("  CUDA kernels", f"built for {archs} (backend 'cuda')" if bi.get("cuda")
+                   else "not built (no nvcc or a CPU-only torch at build time, or TAPS_FAST_NO_CUDA=1)"))
+    else:
+        kv.append(("compiled extension", f"not loaded: {why}"))
     kv.append(("backends", ", ".join(dispatch.backend_names()) + " (in priority order)"))
     w = max(len(k) for k, _ in kv)
     lines += [f"{k:<{w}}  {v}" for k, v in kv]
 
     lines.append("")
-    lines.append(f"ops on {device} (groups=1): 'ok' = the backend serves the call")
+    lines.append(f"ops on {device} (groups=1, M={SMALL_M} rows: the compiled 'cuda'/'cpp' kernels serve up to "
+                 f"{SMALL_M}): 'ok' = the backend serves the call")
     rows = [("op", "backend") + tuple(_dtype_name(d) for d in DTYPES)]
     for op in dispatch.OPS:
-        per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1) for d in DTYPES}
+        per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1, rows=SMALL_M) for d in DTYPES}
         for name in dispatch.backend_names():
             rows.append((op, name) + tuple(per[d].get(name) or "ok" for d in DTYPES))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -90,7 +101,7 @@ def report(device: Optional[torch.device] = None) -> str:
         sel = []
         for d in DTYPES:
             try:
-                sel.append(f"{_dtype_name(d)}: {dispatch.select(op, device=device, dtype=d, groups=1).name}")
+                sel.append(f"{_dtype_name(d)}: {dispatch.select(op, device=device, dtype=d, groups=1, rows=SMALL_M).name}")
             except dispatch.NoBackendError:
                 sel.append(f"{_dtype_name(d)}: none")
         lines.append(f"  {op:<{max(map(len, dispatch.OPS))}}  " + ", ".join(sel))

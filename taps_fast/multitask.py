@@ -48,6 +48,7 @@ from .convert import convert, is_norm, resolve_head, taps_layers
 from .modules import TAPSConv2d, TAPSLinear
 from .ops import taps_conv2d, taps_linear
 from .ops._common import gate_is_open
+from .ops.ext_backend import SMALL_M
 from .ops.multitask import check_task_ids, check_task_ids_meta, taps_mt_conv2d, taps_mt_linear
 
 BASE = "base"
@@ -135,8 +136,15 @@ class _MTGated(nn.Module):
             return self.weight
         d, score, thr = self.deltas[s], self.scores[t], float(self.thresholds[t])
         if not torch.is_grad_enabled() or not (d.requires_grad or score.requires_grad or x.requires_grad):
-            return self.weight + d if gate_is_open(score, thr, type(self).__name__) else self.weight
+            if not gate_is_open(score, thr, type(self).__name__):
+                return self.weight
+            return self._open_weight(x, d)
         return d, score, thr
+
+    def _open_weight(self, x: Tensor, d: Tensor) -> Tensor:
+        """Serving, gate open: the weight to run the plain op with (MultiTaskLinear overrides
+        this for few rows, where a fused kernel reads W and ΔW without forming W + ΔW)."""
+        return self.weight + d
 
     def _taps_args(self):
         return (self._ctx.get(type(self).__name__), self.weight, self.deltas, self.slot, self.scores,
@@ -155,9 +163,24 @@ class MultiTaskLinear(_MTGated):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self._init_stack(layer, ctx)
 
+    def _open_weight(self, x: Tensor, d: Tensor):
+        # Few rows on the CPU with the compiled extension: the cpp GEMV kernel streams W and ΔW
+        # once (W + ΔW is never written), with no custom-op dispatch; None tells forward that the
+        # kernel is to be called (see forward). Otherwise W + ΔW for F.linear.
+        if x.device.type == "cpu" and x.numel() <= SMALL_M * self.in_features and _cpp_kernel_ready(x.dtype):
+            return None
+        return self.weight + d
+
     def forward(self, x: Tensor) -> Tensor:
         if self._ctx.task is not None:  # a task-pure chunk: the single-task op (or W alone)
-            one = self._single(self._ctx.task, x)
+            t = self._ctx.task
+            one = self._single(t, x)
+            if one is None:  # serving few rows, gate open: the fused cpp kernel
+                s = int(self.slot[t])
+                y = torch.ops.taps_fast.small_linear(x.reshape(-1, self.in_features).contiguous(), self.weight,
+                                                     self.deltas[s], self.scores[t], self.bias,
+                                                     float(self.thresholds[t]))
+                return y.reshape(tuple(x.shape[:-1]) + (self.out_features,))
             if isinstance(one, Tensor):
                 return F.linear(x, one, self.bias)
             d, s, thr = one
@@ -190,6 +213,14 @@ class MultiTaskConv2d(_MTGated):
         ids, w, d, slot, s, thr = self._taps_args()
         return taps_mt_conv2d(x, ids, w, d, slot, s, thr, self.bias, self.stride, padding,
                               self.dilation, self.groups, check_ids=False)
+
+
+def _cpp_kernel_ready(dtype: torch.dtype) -> bool:
+    """Whether the dispatcher would give a few-row CPU linear to the "cpp" backend (the compiled
+    extension is loaded, serves this dtype, and no other backend is forced)."""
+    from . import dispatch
+
+    return dispatch.select("linear_fwd", device=torch.device("cpu"), dtype=dtype, rows=1).name == "cpp"
 
 
 # ----------------------------------------------------------------------------- norm layers

@@ -99,12 +99,17 @@ def test_matches_float64_oracle(dtype, score, shape):
 
 
 def test_zero_delta_matches_nn_linear_exactly():
+    """Bit for bit on the reference path (W + 0 then F.linear: the same GEMM); on the default
+    path few rows go to the compiled GEMV kernel ("cpp"), which sums in another order: equal
+    within the fp32 bound there."""
     torch.manual_seed(0)
     lin = nn.Linear(33, 17)
     t = TAPSLinear.from_module(lin)
     assert t.weight is lin.weight and t.bias is lin.bias  # reused, not copied
     for x in (torch.randn(17, 33), torch.randn(2, 3, 33), torch.randn(33), torch.randn(4, 66)[:, ::2]):
-        assert torch.equal(t(x), lin(x))
+        with taps_fast.use_backend("reference"):
+            assert torch.equal(t(x), lin(x))
+        assert_rel_close(t(x), lin(x).double(), torch.float32, "default path")
 
 
 def test_module_api():

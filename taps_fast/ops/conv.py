@@ -31,6 +31,7 @@ from ._common import (
     as_int_list,
     autocast_inputs,
     check_common,
+    eager_no_grad,
     empty0,
     gate_is_open,
     inner,
@@ -150,14 +151,20 @@ def _y_numel(x, weight, stride, padding, dilation) -> int:
 
 
 # ----------------------------------------------------------------------------- custom ops
+def _conv2d_fwd(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
+                stride: List[int], padding: List[int], dilation: List[int], groups: int,
+                threshold: float) -> Tensor:
+    be = dispatch.select("conv2d_fwd", **_meta(x, weight, groups, _y_numel(x, weight, stride, padding, dilation)))
+    y = be.kernels["conv2d_fwd"](x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
+    return _restride(y, _out_format(x))
+
+
 @torch.library.custom_op("taps_fast::conv2d", mutates_args=())
 def _conv2d_op(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
     stride: List[int], padding: List[int], dilation: List[int], groups: int, threshold: float,
 ) -> Tensor:
-    be = dispatch.select("conv2d_fwd", **_meta(x, weight, groups, _y_numel(x, weight, stride, padding, dilation)))
-    y = be.kernels["conv2d_fwd"](x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
-    return _restride(y, _out_format(x))
+    return _conv2d_fwd(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
 
 
 @_conv2d_op.register_fake
@@ -283,5 +290,6 @@ def taps_conv2d(
         x = x.unsqueeze(0)
     check_conv2d(x, weight, delta, score, bias, groups, threshold)
     x, stride, padding, dilation = conv_geometry(_OP, x, weight, stride, padding, dilation)
-    y = _conv2d_op(x, weight, delta, score, bias, stride, padding, dilation, groups, float(threshold))
+    op = _conv2d_fwd if eager_no_grad(x, weight, delta, score, bias) else _conv2d_op
+    y = op(x, weight, delta, score, bias, stride, padding, dilation, groups, float(threshold))
     return y.squeeze(0) if unbatched else y

@@ -34,6 +34,7 @@ from ._common import (
     acc_dtype,
     autocast_inputs,
     check_common,
+    eager_no_grad,
     empty0,
     gate_is_open,
     inner,
@@ -115,17 +116,23 @@ def linear_bwd_reference(
 
 def _meta(x: Tensor, weight: Tensor) -> dict:
     """What the dispatcher needs to know of a call (metadata only: no sync, compile-safe)."""
-    return dict(device=x.device, dtype=x.dtype,
-                numel=max(x.numel(), weight.numel(), x.numel() // max(1, weight.shape[1]) * weight.shape[0]))
+    rows = x.numel() // max(1, weight.shape[1])
+    return dict(device=x.device, dtype=x.dtype, rows=rows,
+                numel=max(x.numel(), weight.numel(), rows * weight.shape[0]))
 
 
 # ----------------------------------------------------------------------------- custom ops
+def _linear_fwd(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
+                threshold: float) -> Tensor:
+    be = dispatch.select("linear_fwd", **_meta(x, weight))
+    return be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous()
+
+
 @torch.library.custom_op("taps_fast::linear", mutates_args=())
 def _linear_op(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor], threshold: float
 ) -> Tensor:
-    be = dispatch.select("linear_fwd", **_meta(x, weight))
-    return be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous()
+    return _linear_fwd(x, weight, delta, score, bias, threshold)
 
 
 @_linear_op.register_fake
@@ -207,4 +214,5 @@ def taps_linear(
         return F.linear(x, weight, bias)
     x, weight, delta, bias = autocast_inputs(x, weight, delta, bias)
     check_linear(x, weight, delta, score, bias, threshold)
-    return _linear_op(x, weight, delta, score, bias, float(threshold))
+    op = _linear_fwd if eager_no_grad(x, weight, delta, score, bias) else _linear_op
+    return op(x, weight, delta, score, bias, float(threshold))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ._common import acc_dtype, autocast_inputs, empty0, inner, match_layout
+from ._common import acc_dtype, autocast_inputs, eager_no_grad, empty0, inner, match_layout
 from .conv import _closed_ds as _conv_closed_ds
 from .conv import _conv2d_fake, _out_format, _restride, _y_numel, conv_geometry
 from .linear import _closed_ds as _linear_closed_ds
@@ -289,7 +289,8 @@ def mt_conv2d_bwd_reference(dy, x, task_ids, weight, deltas, slot, scores, thres
 
 # ----------------------------------------------------------------------------- custom ops
 def _meta(x: Tensor, weight: Tensor, deltas: Tensor, y_numel: int, groups: int = 1) -> dict:
-    return dict(device=x.device, dtype=x.dtype, groups=groups,
+    # rows: the GEMM's M (linear: the flattened rows; conv: unused by the conv backends)
+    return dict(device=x.device, dtype=x.dtype, groups=groups, rows=x.numel() // max(1, weight.shape[-1]),
                 numel=max(x.numel(), deltas.numel(), y_numel))
 
 
@@ -297,11 +298,16 @@ def _lin_y_numel(x: Tensor, weight: Tensor) -> int:
     return x.numel() // max(1, weight.shape[1]) * weight.shape[0]
 
 
+def _mt_linear_fwd(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> Tensor:
+    be = dispatch.select("mt_linear_fwd", **_meta(x, weight, deltas, _lin_y_numel(x, weight)))
+    return be.kernels["mt_linear_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias).contiguous()
+
+
 @torch.library.custom_op("taps_fast::mt_linear", mutates_args=())
 def _mt_linear_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> Tensor:
-    be = dispatch.select("mt_linear_fwd", **_meta(x, weight, deltas, _lin_y_numel(x, weight)))
-    return be.kernels["mt_linear_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias).contiguous()
+    return _mt_linear_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias)
 
 
 @_mt_linear_op.register_fake
@@ -367,14 +373,21 @@ def _mt_linear_setup(ctx, inputs, output):
 _mt_linear_op.register_autograd(_mt_linear_backward, setup_context=_mt_linear_setup)
 
 
-@torch.library.custom_op("taps_fast::mt_conv2d", mutates_args=())
-def _mt_conv2d_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
-                  scores: Tensor, thresholds: Tensor, bias: Optional[Tensor], stride: List[int],
-                  padding: List[int], dilation: List[int], groups: int) -> Tensor:
+def _mt_conv2d_fwd(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                   scores: Tensor, thresholds: Tensor, bias: Optional[Tensor], stride: List[int],
+                   padding: List[int], dilation: List[int], groups: int) -> Tensor:
     be = dispatch.select("mt_conv2d_fwd", **_meta(x, weight, deltas, _y_numel(x, weight, stride, padding, dilation), groups))
     y = be.kernels["mt_conv2d_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias,
                                     stride, padding, dilation, groups)
     return _restride(y, _out_format(x))
+
+
+@torch.library.custom_op("taps_fast::mt_conv2d", mutates_args=())
+def _mt_conv2d_op(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
+                  scores: Tensor, thresholds: Tensor, bias: Optional[Tensor], stride: List[int],
+                  padding: List[int], dilation: List[int], groups: int) -> Tensor:
+    return _mt_conv2d_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
+                          dilation, groups)
 
 
 @_mt_conv2d_op.register_fake
@@ -497,7 +510,8 @@ def taps_mt_linear(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
         raise ValueError(f"{_LIN}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)}: "
                          f"expected [batch, ..., {weight.shape[-1]}]")
     _check_ids(_LIN, task_ids, x, slot, check_ids)
-    return _mt_linear_op(x, task_ids, weight, deltas, slot, scores, thresholds, bias)
+    op = _mt_linear_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_linear_op
+    return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias)
 
 
 def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
@@ -514,8 +528,8 @@ def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
                          f"with groups={groups}: expected [B, {weight.shape[1] * groups}, H, W]")
     _check_ids(_CONV, task_ids, x, slot, check_ids)
     x, stride, padding, dilation = conv_geometry(_CONV, x, weight, stride, padding, dilation)
-    return _mt_conv2d_op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding,
-                         dilation, groups)
+    op = _mt_conv2d_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_conv2d_op
+    return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding, dilation, groups)
 
 
 __all__ = ["taps_mt_linear", "taps_mt_conv2d", "taps_mt_linear_ref", "taps_mt_conv2d_ref"]

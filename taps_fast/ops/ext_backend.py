@@ -1,0 +1,114 @@
+"""The compiled backends: "cuda" (csrc/cuda) and "cpp" (csrc/cpu), from the extension taps_fast._C.
+
+Both serve the forward of the gated linear (single task, ``linear_fwd``) and of the mixed-batch
+linear (``mt_linear_fwd``) with GEMV-style kernels for few rows (M ≤ SMALL_M): the memory-bound
+serving case, where the time is the bytes of W and of each open ΔW read once, and a tiled matmul
+wastes most of its work. Every other op and shape goes to the next backend; ``why_not`` says why.
+
+- "cuda" sits first (ahead of "triton"): CUDA tensors, fp32 / fp16 / bf16, M ≤ SMALL_M.
+- "cpp" sits just ahead of "reference": CPU tensors, fp32 / fp64 / fp16 / bf16, M ≤ SMALL_M.
+  Where it is faster than the reference path is measured by ``taps-fast bench --suite small``;
+  see CPP_* below for the measured numbers behind each rule.
+
+Like the Triton kernels, the compiled kernels read the gate on the device and never sync the
+host; on the CPU the ids are checked by the kernel itself.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _ext
+from ._common import gate_is_open
+
+# Rows (M, after flattening the leading dimensions) up to which the GEMV kernels are picked. At
+# M = 16 a GEMV still streams the weights once, with 16 accumulators per output; past it a
+# matmul tile (triton, or MKL/cuBLAS in the reference path) reuses each weight load more.
+SMALL_M = 16
+
+_INT32_MAX = 2**31 - 1
+
+
+def _available(need_cuda: bool) -> Optional[str]:
+    mod, why = _ext.load()
+    if mod is None:
+        return why
+    if need_cuda and not _ext.build_info().get("cuda"):
+        return "taps_fast._C was built without its CUDA part (no nvcc at build time, or TAPS_FAST_NO_CUDA=1)"
+    return None
+
+
+def available_cuda() -> Optional[str]:
+    return _available(True)
+
+
+def available_cpp() -> Optional[str]:
+    return _available(False)
+
+
+def _rows_reason(rows: Optional[int]) -> Optional[str]:
+    if rows is None:
+        return "the row count is unknown"
+    if rows > SMALL_M:
+        return (f"M={rows} rows > {SMALL_M}: past the small-batch case a tiled matmul reuses each "
+                "weight load (triton / reference serve it)")
+    return None
+
+
+def why_not_cuda(op: str, device: torch.device, dtype: torch.dtype, rows: Optional[int] = None,
+                 numel: int = 0, forced: bool = False, **_) -> Optional[str]:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"CUDA tensors only (got {device.type}; the C++ CPU kernels are the 'cpp' backend)"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported (fp32, fp16, bf16)"
+    if numel > _INT32_MAX:
+        return f"a tensor has {numel} elements, over the kernels' int32 row indexing limit"
+    return _rows_reason(rows)
+
+
+def why_not_cpp(op: str, device: torch.device, dtype: torch.dtype, rows: Optional[int] = None,
+                forced: bool = False, **_) -> Optional[str]:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"CPU tensors only (got {device.type}; the CUDA kernels are the 'cuda' backend)"
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported (fp32, fp64, fp16, bf16)"
+    return _rows_reason(rows)
+
+
+# ----------------------------------------------------------------------------- kernels
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def linear_fwd(x, weight, delta, score, bias, threshold):
+    """taps_fast::small_linear on x flattened to [M, K]. On the CPU a NaN score raises the
+    reference path's error first (reading it costs no sync there); the kernel itself, like the
+    CUDA one, would return NaN rows."""
+    if x.device.type == "cpu":
+        gate_is_open(score, threshold, "taps_linear")
+    n, k = weight.shape
+    y = torch.ops.taps_fast.small_linear(x.reshape(-1, k).contiguous(), weight.contiguous(),
+                                         delta.contiguous(), score, _c(bias), float(threshold))
+    return y.reshape(tuple(x.shape[:-1]) + (n,))
+
+
+def mt_linear_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
+    """taps_fast::small_mt_linear on x flattened to [M, K] (the rows of a sample share its task).
+    On the CPU a NaN score of a task present raises, as on the reference path."""
+    if x.device.type == "cpu" and bool(torch.isnan(scores.detach()).any()):
+        from .multitask import _LIN, _open_tasks
+
+        _open_tasks(task_ids, slot, scores, thresholds, _LIN)
+    n, k = weight.shape
+    per = x.numel() // k // x.shape[0] if x.shape[0] else 1
+    rows = task_ids if per == 1 else task_ids.repeat_interleave(per)
+    y = torch.ops.taps_fast.small_mt_linear(x.reshape(-1, k).contiguous(), rows.contiguous(),
+                                            weight.contiguous(), deltas.contiguous(), slot.contiguous(),
+                                            scores.contiguous(), thresholds.contiguous(), _c(bias))
+    return y.reshape(tuple(x.shape[:-1]) + (n,))
+
+
+KERNELS = {"linear_fwd": linear_fwd, "mt_linear_fwd": mt_linear_fwd}
