@@ -13,11 +13,14 @@ STAMP  := $(VENV)/.taps_fast-installed
 # nvcc lives here on the development machines; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: setup test bench bench-layers bench-kernels check-kernels info clean
+.PHONY: setup test bench bench-layers bench-kernels bench-small check-kernels info clean
 
 setup: $(STAMP)
 
-$(STAMP): Makefile setup.py
+# The editable install builds taps_fast._C (csrc/), so a changed C++/CUDA source re-runs it.
+CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
+
+$(STAMP): Makefile setup.py $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check pip==26.3
 	$(PIP) install --quiet $(PINS)
@@ -45,10 +48,18 @@ bench-layers: $(STAMP)
 bench-kernels: $(STAMP)
 	$(PY) -m taps_fast.bench --suite kernels $(ARGS)
 
+# Small-batch serving (the compiled kernels, csrc/): M in {1,4,16}, N=K in {768,3072}, T in
+# {1,8,32} tasks, against the floor (bytes / measured copy bandwidth), the authors' style and the
+# best pure-PyTorch form.
+bench-small: $(STAMP)
+	$(PY) -m taps_fast.bench --suite small $(ARGS)
+
 # Static GPU check, no GPU needed: compile every Triton kernel config for sm_80/sm_90 and fail on
-# a register spill or a matmul without wgmma on sm_90.
+# a register spill or a matmul without wgmma on sm_90; then the extension's CUDA kernels (cuobjdump
+# of taps_fast._C: no spills, 16-byte loads).
 check-kernels: $(STAMP)
 	$(PY) -m taps_fast.info --kernels
+	$(PY) -m taps_fast.ext_check
 
 info: $(STAMP)
 	$(PY) -m taps_fast.info

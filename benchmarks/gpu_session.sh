@@ -7,11 +7,19 @@ set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export TAPS_FAST_NO_EXT=${TAPS_FAST_NO_EXT:-0}
-pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -3
+# Builds taps_fast._C with its CUDA part (sm_80, sm_90) on the machine's own torch.
+pip install -e . --no-deps --no-build-isolation -q > "$OUT/gpu_build.txt" 2>&1
+echo "build rc=$?" >> "$OUT/gpu_build.txt"
 {
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   python -m taps_fast.info
 } > "$OUT/gpu_info.txt" 2>&1
+# Issue 5 first (the compiled kernels): their GPU tests, then the small-batch suite (bf16, CUDA
+# graphs over layer stacks larger than 4x L2, against the floor, the Triton path and torch.mm).
+python -m pytest tests/test_ext.py tests/test_ext_kernels.py -q -p no:cacheprovider > "$OUT/gpu_ext_tests.txt" 2>&1
+echo "ext tests rc=$?" >> "$OUT/gpu_ext_tests.txt"
+python -m taps_fast.bench --suite small --quiet --out "$OUT/small_cuda.json" > "$OUT/small_cuda.txt" 2>&1
+echo "small rc=$?" >> "$OUT/small_cuda.txt"
 # GPU tests: the interpreter-tier tests run on the GPU, plus the large shapes and bf16.
 python -m pytest tests/test_triton.py tests/test_mt_linear_kernels.py tests/test_mt_conv_kernels.py \
   tests/test_mt_ops.py tests/test_multitask.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1

@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "inference); prints a table and writes JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--suite", choices=sorted(SUITES) + ["kernels", "multitask"], default="models",
+    p.add_argument("--suite", choices=sorted(SUITES) + ["kernels", "multitask", "small"], default="models",
                    help="what to benchmark; 'kernels' is the layer-kernel suite (taps_fast/bench_kernels.py, "
                         "its own options: --suite kernels --help)")
     p.add_argument("--models", type=_csv, default=",".join(DEFAULT_MODELS),
@@ -513,7 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import dispatch
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name in ("kernels", "multitask"):  # suites with their own options and module
+    for name in ("kernels", "multitask", "small"):  # suites with their own options and module
         if f"--suite={name}" in argv or any(a == "--suite" and i + 1 < len(argv) and argv[i + 1] == name
                                             for i, a in enumerate(argv)):
             import importlib

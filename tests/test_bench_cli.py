@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from taps_fast import bench, cli, info
 
@@ -100,3 +101,33 @@ def test_multitask_suite_tiny(tmp_path, capsys):
     # the peak-RSS probe: a fresh process building one provider (one probe keeps the test short)
     paths = bm.write_tasks("test_resnet", 2, 0.25, str(tmp_path))
     assert bm.rss_probe("taps", "test_resnet", paths, 2, "cpu", "float32") > 50 * 2**20
+
+
+def test_small_suite_tiny(tmp_path, capsys):
+    """taps-fast bench --suite small end to end on tiny layers: the providers agree with float64
+    (checked inside the suite), the copy floor is measured, ratios are to the kernel."""
+    from taps_fast import _ext
+
+    out = tmp_path / "small.json"
+    rc = cli.main(["bench", "--suite", "small", "--m", "1,3", "--nk", "40", "--t", "1,2", "--repeats", "1",
+                   "--cache-mib", "1", "--quiet", "--out", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    provs = {r["provider"] for r in rec["rows"]}
+    want = {"copy", "taps", "authors", "torch-best", "mm-W"}
+    if _ext.load()[0] is not None:
+        want |= {"kernel", "kernel-1task"}
+    assert provs == want
+    for r in rec["rows"]:
+        assert r["median_ms"] > 0 and r["x_floor"] > 0
+    assert "x floor" in capsys.readouterr().out
+
+
+def test_small_suite_refuses_a_wrong_provider(monkeypatch):
+    from taps_fast import bench_small
+
+    lay = bench_small.Layers(2, 16, 16, 2, torch.float32, torch.device("cpu"), 1 << 16)
+    provs = bench_small.providers(lay, torch.device("cpu"))
+    provs["authors"] = lambda i: torch.zeros(2, 16)
+    with pytest.raises(RuntimeError, match="provider 'authors' disagrees"):
+        bench_small.check_agree(lay, provs)
