@@ -349,14 +349,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"backends={rec['backends']}  ceilings: copy {c['bandwidth_GBps']:.1f} GB/s, "
           f"matmul ({c['matmul']}) {c['matmul_TFLOPs']:.3g} TFLOP/s")
     print(format_rows(rec["rows"]))
-    out = args.out or os.path.join("benchmarks", "results",
-                                   f"kernels_{torch.device(dev).type}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
+    write_record(rec, args.out, "kernels")
+    return 0
+
+
+def write_record(rec: dict, out: Optional[str], suite: str) -> str:
+    """Write a suite's record as JSON (default benchmarks/results/<suite>_<device>_<time>.json)
+    and say where."""
+    dev = torch.device(rec["environment"]["device"]).type
+    out = out or os.path.join("benchmarks", "results", f"{suite}_{dev}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rec, f, indent=2, default=str)
         f.write("\n")
     print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -42,8 +42,6 @@ are allocated (slot -1 for the others): absent tasks move no bytes on any provid
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import os
 import sys
@@ -287,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .bench_kernels import write_record
+
     p = build_parser()
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -303,13 +303,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{c['bandwidth_GBps']:.1f} GB/s  matmul ({c['matmul']}) {c['matmul_TFLOPs']:.3g} TFLOP/s  "
           f"last-level cache {rec['last_level_cache_bytes'] >> 20} MiB")
     print(format_rows(rec["rows"]))
-    out = args.out or os.path.join("benchmarks", "results",
-                                   f"small_{torch.device(env['device']).type}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rec, f, indent=2, default=str)
-        f.write("\n")
-    print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
+    write_record(rec, args.out, "small")
     return 0
 
 

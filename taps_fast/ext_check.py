@@ -30,6 +30,11 @@ FALLBACK_TAG = "_scalar_kernel"  # one-element loads by design (unaligned inputs
 _LDG128 = re.compile(r"\bLDG\.E[\w.]*?\.128\b")
 
 
+def row_ok(r: dict) -> bool:
+    """No stack or local memory (spills), and 128-bit loads unless the kernel is a fallback."""
+    return r["stack"] == 0 and r["local"] == 0 and (r["ldg128"] or not r["needs_ldg128"])
+
+
 class ExtCheckError(RuntimeError):
     """The check cannot run: no cuobjdump, no extension file, or no CUDA code in it."""
 
@@ -176,7 +181,8 @@ def check(so_path: Optional[str] = None) -> List[dict]:
         rows.append(dict(name=name, mangled=mangled, arch=arch, registers=u.get("REG", -1),
                          stack=stack, local=local, shared=u.get("SHARED", 0), ldg128=ldg,
                          needs_ldg128=needs,
-                         ok=stack == 0 and local == 0 and (ldg or not needs)))
+                         ok=None))
+        rows[-1]["ok"] = row_ok(rows[-1])
     return rows
 
 
@@ -187,7 +193,7 @@ def format_table(rows: List[dict]) -> str:
     for r in rows:
         ldg = "yes" if r["ldg128"] else ("no (fallback)" if not r["needs_ldg128"] else "NO")
         lines.append(f"{r['name']:<{w}}  {r['arch']:<6} {r['registers']:>4} {r['stack']:>5} "
-                     f"{r['local']:>5} {r['shared']:>6}  {ldg:<14} {'ok' if r['ok'] else 'FAIL'}")
+                     f"{r['local']:>5} {r['shared']:>6}  {ldg:<14} {'ok' if row_ok(r) else 'FAIL'}")
     return "\n".join(lines)
 
 
@@ -201,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ext_check: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
-    bad = [r for r in rows if not r["ok"]]
+    bad = [r for r in rows if not row_ok(r)]
     spills = sum(1 for r in rows if r["stack"] or r["local"])
     no128 = sum(1 for r in rows if r["needs_ldg128"] and not r["ldg128"])
     print(f"\n{len(rows)} kernel instantiations ({len({r['arch'] for r in rows})} archs): "

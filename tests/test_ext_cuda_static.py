@@ -44,8 +44,17 @@ def test_128bit_loads(rows):
     assert not bad, "kernels without 128-bit global loads (LDG.E.128):\n" + "\n".join(bad)
 
 
-def test_main_exit_status(rows, capsys):
+def test_main_exit_status(rows, capsys, monkeypatch):
     from taps_fast import _C  # type: ignore[attr-defined]
 
+    monkeypatch.setattr(ext_check, "check", lambda so=None: rows)  # the table, without a second cuobjdump
     assert ext_check.main([_C.__file__]) == 0
     assert "_taps_small_linear_fwd_kernel" in capsys.readouterr().out
+
+
+def test_main_fails_on_a_spill_or_a_missing_vector_load(rows, capsys, monkeypatch):
+    """The check can fail: a row with local memory, or a fast path without 128-bit loads, is exit 1."""
+    for bad in ({"stack": 0, "local": 16}, {"ldg128": False}):
+        broken = [dict(rows[0], **bad, needs_ldg128=True)] + rows[1:]
+        monkeypatch.setattr(ext_check, "check", lambda so=None, b=broken: b)
+        assert ext_check.main(["x.so"]) == 1

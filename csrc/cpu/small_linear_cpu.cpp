@@ -36,9 +36,19 @@ bool cpu_has_avx2() {
 #endif
 }
 
-void run(cpu::Plan& plan) {
-  const char* pf = std::getenv("TAPS_FAST_CPU_PREFETCH");  // tuning switch
-  plan.prefetch = !(pf != nullptr && std::strcmp(pf, "0") == 0);
+// Completes the plan (its groups are set by the caller; xa is x in the accumulation type, rows
+// in group order) and runs the kernel copy this CPU supports.
+void run(cpu::Plan& plan, const at::Tensor& xa, const at::Tensor& weight,
+         const std::optional<at::Tensor>& bias, at::Tensor& y, const std::vector<int64_t>& out_row,
+         const std::vector<double>& poisons) {
+  plan.dtype = weight.scalar_type();
+  plan.M = xa.size(0), plan.N = weight.size(0), plan.K = weight.size(1);
+  plan.x = xa.data_ptr();
+  plan.weight = weight.data_ptr();
+  plan.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  plan.y = y.data_ptr();
+  plan.out_row = out_row.data();
+  plan.poison = poisons.data();
   const char* force = std::getenv("TAPS_FAST_CPU_CAPABILITY");
   const bool want_default = force != nullptr && std::strcmp(force, "default") == 0;
   if (!want_default && cpu_has_avx2()) {
@@ -97,16 +107,8 @@ at::Tensor small_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   std::vector<double> poisons(M, poison);
 
   cpu::Plan plan;
-  plan.dtype = x.scalar_type();
-  plan.M = M, plan.N = N, plan.K = K;
-  plan.x = xa.data_ptr();
-  plan.weight = weight.data_ptr();
-  plan.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  plan.y = y.data_ptr();
-  plan.out_row = out_row.data();
-  plan.poison = poisons.data();
   plan.groups.push_back({0, M, open ? delta.data_ptr() : nullptr});
-  run(plan);
+  run(plan, xa, weight, bias, y, out_row, poisons);
   return y;
 }
 
@@ -169,15 +171,7 @@ at::Tensor small_mt_linear_cpu(const at::Tensor& x, const at::Tensor& task_ids,
   }
   xa = xa.to(acc_dtype(x.scalar_type())).contiguous();
 
-  plan.dtype = x.scalar_type();
-  plan.M = M, plan.N = N, plan.K = K;
-  plan.x = xa.data_ptr();
-  plan.weight = weight.data_ptr();
-  plan.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  plan.y = y.data_ptr();
-  plan.out_row = out_row.data();
-  plan.poison = poisons.data();
-  run(plan);
+  run(plan, xa, weight, bias, y, out_row, poisons);
   return y;
 }
 

@@ -174,23 +174,7 @@ void launch_single(const SingleArgs& a) {
 
 template <typename T>
 void dispatch_single(const SingleArgs& a, bool vector) {
-  const int mb = pick_mb(a.M);
-  if (vector) {
-    switch (mb) {
-      case 1: return launch_single<T, 1, true>(a);
-      case 2: return launch_single<T, 2, true>(a);
-      case 4: return launch_single<T, 4, true>(a);
-      case 8: return launch_single<T, 8, true>(a);
-      default: return launch_single<T, 16, true>(a);
-    }
-  }
-  // The fallback has fewer instantiations: M = 1, ≤ 4, and 16-row blocks.
-  switch (mb) {
-    case 1: return launch_single<T, 1, false>(a);
-    case 2:
-    case 4: return launch_single<T, 4, false>(a);
-    default: return launch_single<T, 16, false>(a);
-  }
+  dispatch_mb(a.M, vector, [&](auto mb, auto vec) { launch_single<T, decltype(mb)::value, decltype(vec)::value>(a); });
 }
 
 at::Tensor small_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,

@@ -14,6 +14,7 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "small_linear_common.cuh"
 
@@ -55,6 +56,29 @@ inline int pick_mb(int64_t M) {
   if (M <= 4) return 4;
   if (M <= 8) return 8;
   return 16;
+}
+
+// Calls launch(std::integral_constant<int, MB>, std::bool_constant<VECTOR>) with the M block
+// for M rows: 1, 2, 4, 8 or 16 on the vector path; the unaligned fallback has fewer
+// instantiations (1, 4 and 16-row blocks).
+template <typename F>
+void dispatch_mb(int64_t M, bool vector, F&& launch) {
+  const int mb = pick_mb(M);
+  if (vector) {
+    switch (mb) {
+      case 1: return launch(std::integral_constant<int, 1>{}, std::true_type{});
+      case 2: return launch(std::integral_constant<int, 2>{}, std::true_type{});
+      case 4: return launch(std::integral_constant<int, 4>{}, std::true_type{});
+      case 8: return launch(std::integral_constant<int, 8>{}, std::true_type{});
+      default: return launch(std::integral_constant<int, 16>{}, std::true_type{});
+    }
+  }
+  switch (mb) {
+    case 1: return launch(std::integral_constant<int, 1>{}, std::false_type{});
+    case 2:
+    case 4: return launch(std::integral_constant<int, 4>{}, std::false_type{});
+    default: return launch(std::integral_constant<int, 16>{}, std::false_type{});
+  }
 }
 
 // 16-byte loads need every row start 16-byte aligned: K·e % 16 == 0 and aligned base pointers.

@@ -249,22 +249,7 @@ void launch_mt(const MtArgs& a) {
 
 template <typename T>
 void dispatch_mt(const MtArgs& a, bool vector) {
-  const int mb = pick_mb(a.M);
-  if (vector) {
-    switch (mb) {
-      case 1: return launch_mt<T, 1, true>(a);
-      case 2: return launch_mt<T, 2, true>(a);
-      case 4: return launch_mt<T, 4, true>(a);
-      case 8: return launch_mt<T, 8, true>(a);
-      default: return launch_mt<T, 16, true>(a);
-    }
-  }
-  switch (mb) {
-    case 1: return launch_mt<T, 1, false>(a);
-    case 2:
-    case 4: return launch_mt<T, 4, false>(a);
-    default: return launch_mt<T, 16, false>(a);
-  }
+  dispatch_mb(a.M, vector, [&](auto mb, auto vec) { launch_mt<T, decltype(mb)::value, decltype(vec)::value>(a); });
 }
 
 }  // namespace
