@@ -322,7 +322,9 @@ def test_mt_matches_single(dev):
     y1 = ops.small_linear(x, w, d[0], s, b, 0.1)
     y2 = ops.small_mt_linear(x, torch.zeros(5, dtype=torch.long, device=dev), w, d,
                              torch.tensor([0], device=dev), s.reshape(1), torch.tensor([0.1], device=dev), b)
-    assert torch.equal(y1, y2)
+    assert_close(y2, ref_single(x, w, d[0], b, True), torch.float32)
+    if dev.type == "cpu":  # one kernel serves both ops there: bit for bit
+        assert torch.equal(y1, y2)
 
 
 # ------------------------------------------------------------------------------- bad input
