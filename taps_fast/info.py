@@ -40,7 +40,7 @@ def report(device: Optional[torch.device] = None) -> str:
     """The whole report as text."""
     import taps_fast
     from taps_fast import _ext, dispatch
-    from taps_fast.ops.ext_backend import SMALL_M
+    from taps_fast.ops.ext_backend import CPP_MAX_ROWS, CUDA_MAX_ROWS, SMALL_M
 
     device = device or default_device()
     lines: List[str] = []
@@ -77,8 +77,8 @@ def report(device: Optional[torch.device] = None) -> str:
     lines += [f"{k:<{w}}  {v}" for k, v in kv]
 
     lines.append("")
-    lines.append(f"ops on {device} (groups=1, M={SMALL_M} rows: the compiled 'cuda'/'cpp' kernels serve up to "
-                 f"{SMALL_M}): 'ok' = the backend serves the call")
+    lines.append(f"ops on {device} (groups=1, M={SMALL_M} rows: the compiled kernels serve up to {CUDA_MAX_ROWS} "
+                 f"rows ('cuda') / {CPP_MAX_ROWS} ('cpp')): 'ok' = the backend serves the call")
     rows = [("op", "backend") + tuple(_dtype_name(d) for d in DTYPES)]
     for op in dispatch.OPS:
         per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1, rows=SMALL_M) for d in DTYPES}

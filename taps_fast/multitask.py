@@ -48,7 +48,7 @@ from .convert import convert, is_norm, resolve_head, taps_layers
 from .modules import TAPSConv2d, TAPSLinear
 from .ops import taps_conv2d, taps_linear
 from .ops._common import gate_is_open
-from .ops.ext_backend import SMALL_M
+from .ops.ext_backend import CPP_MAX_ROWS
 from .ops.multitask import check_task_ids, check_task_ids_meta, taps_mt_conv2d, taps_mt_linear
 
 BASE = "base"
@@ -167,7 +167,7 @@ class MultiTaskLinear(_MTGated):
         # Few rows on the CPU with the compiled extension: the cpp GEMV kernel streams W and ΔW
         # once (W + ΔW is never written), with no custom-op dispatch; None tells forward that the
         # kernel is to be called (see forward). Otherwise W + ΔW for F.linear.
-        if x.device.type == "cpu" and x.numel() <= SMALL_M * self.in_features and _cpp_kernel_ready(x.dtype):
+        if x.device.type == "cpu" and x.numel() <= CPP_MAX_ROWS * self.in_features and _cpp_kernel_ready(x.dtype):
             return None
         return self.weight + d
 

@@ -14,7 +14,7 @@ import torch
 
 import taps_fast
 from taps_fast import _ext, dispatch
-from taps_fast.ops.ext_backend import SMALL_M
+from taps_fast.ops.ext_backend import CPP_MAX_ROWS, CUDA_MAX_ROWS
 
 from helpers import assert_rel_close, assert_scaled_close
 
@@ -111,11 +111,11 @@ def test_import_does_not_load_the_extension():
 def test_cpp_backend_serves_few_rows_on_the_cpu(op):
     sel = lambda **m: dispatch.select(op, device=CPU, **m).name  # noqa: E731
     assert sel(dtype=torch.float32, rows=1) == "cpp"
-    assert sel(dtype=torch.float32, rows=SMALL_M) == "cpp"
+    assert sel(dtype=torch.float32, rows=CPP_MAX_ROWS) == "cpp"
     assert sel(dtype=torch.float64, rows=4) == "cpp"
-    assert sel(dtype=torch.float32, rows=SMALL_M + 1) == "reference"
-    r = dispatch.reasons(op, device=CPU, dtype=torch.float32, rows=SMALL_M + 1)
-    assert f"M={SMALL_M + 1} rows > {SMALL_M}" in r["cpp"]
+    assert sel(dtype=torch.float32, rows=CPP_MAX_ROWS + 1) == "reference"
+    r = dispatch.reasons(op, device=CPU, dtype=torch.float32, rows=CPP_MAX_ROWS + 1)
+    assert f"M={CPP_MAX_ROWS + 1} rows > {CPP_MAX_ROWS}" in r["cpp"]
     assert "CUDA tensors only" in r["cuda"]
 
 
@@ -130,11 +130,11 @@ def test_compiled_backends_have_no_backward_or_conv_and_say_so():
 @needs_ext
 def test_forced_cpp_backend_refusing_a_big_batch_lists_every_reason():
     with dispatch.use_backend("cpp"):
-        x, w, d = torch.randn(SMALL_M + 1, 8), torch.randn(3, 8), torch.randn(3, 8)
+        x, w, d = torch.randn(CPP_MAX_ROWS + 1, 8), torch.randn(3, 8), torch.randn(3, 8)
         with pytest.raises(dispatch.NoBackendError) as e:
             taps_fast.taps_linear(x, w, d, torch.tensor(0.5))
     msg = str(e.value)
-    assert "backend 'cpp' (forced)" in msg and "rows > 16" in msg and "reference: ok" in msg
+    assert "backend 'cpp' (forced)" in msg and f"rows > {CPP_MAX_ROWS}" in msg and "reference: ok" in msg
 
 
 # ----------------------------------------------------------------------------- through the public API
@@ -148,7 +148,7 @@ def _linear_case(M, N, K, dtype, device, seed=0):
 @pytest.mark.parametrize("score", [0.5, 0.05], ids=["open", "closed"])
 @pytest.mark.parametrize("lead", [(3,), (2, 3)], ids=["2d", "3d"])
 def test_taps_linear_on_cpp_matches_the_oracle_and_trains(score, lead):
-    """Forward on the cpp kernel (M ≤ 16 rows after flattening), backward on the reference path:
+    """Forward on the cpp kernel (M ≤ 32 rows after flattening), backward on the reference path:
     the values and every gradient equal the float64 oracle's."""
     dtype = torch.float32
     M = int(torch.tensor(lead).prod())
@@ -248,7 +248,7 @@ def test_small_batch_multitask_serving_on_cpp_matches_each_task_alone(cpu_chunk,
 def test_cuda_backend_serves_few_rows_and_matches_the_oracle(dtype):
     dev = torch.device("cuda")
     assert dispatch.select("linear_fwd", device=dev, dtype=dtype, rows=4).name == "cuda"
-    assert dispatch.select("mt_linear_fwd", device=dev, dtype=dtype, rows=SMALL_M + 1).name != "cuda"
+    assert dispatch.select("mt_linear_fwd", device=dev, dtype=dtype, rows=CUDA_MAX_ROWS + 1).name != "cuda"
     x, w, d, b = _linear_case(4, 100, 72, dtype, dev)
     for score in (0.5, 0.05):
         y = taps_fast.taps_linear(x, w, d, torch.tensor(score, device=dev), b)

@@ -1,12 +1,12 @@
 """The compiled backends: "cuda" (csrc/cuda) and "cpp" (csrc/cpu), from the extension taps_fast._C.
 
 Both serve the forward of the gated linear (single task, ``linear_fwd``) and of the mixed-batch
-linear (``mt_linear_fwd``) with GEMV-style kernels for few rows (M ≤ SMALL_M): the memory-bound
+linear (``mt_linear_fwd``) with GEMV-style kernels for few rows (M ≤ 16 / 32): the memory-bound
 serving case, where the time is the bytes of W and of each open ΔW read once, and a tiled matmul
 wastes most of its work. Every other op and shape goes to the next backend; ``why_not`` says why.
 
-- "cuda" sits first (ahead of "triton"): CUDA tensors, fp32 / fp16 / bf16, M ≤ SMALL_M.
-- "cpp" sits just ahead of "reference": CPU tensors, fp32 / fp64 / fp16 / bf16, M ≤ SMALL_M.
+- "cuda" sits first (ahead of "triton"): CUDA tensors, fp32 / fp16 / bf16, M ≤ CUDA_MAX_ROWS.
+- "cpp" sits just ahead of "reference": CPU tensors, fp32 / fp64 / fp16 / bf16, M ≤ CPP_MAX_ROWS.
   Where it is faster than the reference path is measured by ``taps-fast bench --suite small``;
   see CPP_* below for the measured numbers behind each rule.
 
@@ -22,10 +22,17 @@ import torch
 from .. import _ext
 from ._common import gate_is_open
 
-# Rows (M, after flattening the leading dimensions) up to which the GEMV kernels are picked. At
-# M = 16 a GEMV still streams the weights once, with 16 accumulators per output; past it a
-# matmul tile (triton, or MKL/cuBLAS in the reference path) reuses each weight load more.
-SMALL_M = 16
+# Rows (M, after flattening the leading dimensions) up to which each backend's GEMV kernels are
+# picked. CUDA: 16, the case the kernels are written for (a GEMV streams the weights once with
+# up to 16 accumulators per output; past it a tensor-core tile reuses each weight load more).
+# CPU: 32, measured (2-core AVX2 VM, fp32, kernel op vs the reference path, 2026-11-26): at
+# N = K = 3072 the kernel is 1.9x (closed gate) / 4.7x (open) faster at M = 16, 1.3x / 2.9x at
+# M = 32, and 0.97x / 1.5x at M = 64; at 768, 2.2x / 2.9x at M = 16 and parity (closed) at
+# M = 64. Where the reference path forms W + ΔW (an open gate) the kernel wins further out, but
+# one limit per backend keeps the choice independent of the gate (read on the device).
+CUDA_MAX_ROWS = 16
+CPP_MAX_ROWS = 32
+SMALL_M = CUDA_MAX_ROWS  # the few-row case the benchmarks and info report on
 
 _INT32_MAX = 2**31 - 1
 
@@ -47,11 +54,11 @@ def available_cpp() -> Optional[str]:
     return _available(False)
 
 
-def _rows_reason(rows: Optional[int]) -> Optional[str]:
+def _rows_reason(rows: Optional[int], limit: int) -> Optional[str]:
     if rows is None:
         return "the row count is unknown"
-    if rows > SMALL_M:
-        return (f"M={rows} rows > {SMALL_M}: past the small-batch case a tiled matmul reuses each "
+    if rows > limit:
+        return (f"M={rows} rows > {limit}: past the small-batch case a tiled matmul reuses each "
                 "weight load (triton / reference serve it)")
     return None
 
@@ -65,7 +72,7 @@ def why_not_cuda(op: str, device: torch.device, dtype: torch.dtype, rows: Option
         return f"dtype {dtype} is not supported (fp32, fp16, bf16)"
     if numel > _INT32_MAX:
         return f"a tensor has {numel} elements, over the kernels' int32 row indexing limit"
-    return _rows_reason(rows)
+    return _rows_reason(rows, CUDA_MAX_ROWS)
 
 
 def why_not_cpp(op: str, device: torch.device, dtype: torch.dtype, rows: Optional[int] = None,
@@ -75,7 +82,7 @@ def why_not_cpp(op: str, device: torch.device, dtype: torch.dtype, rows: Optiona
         return f"CPU tensors only (got {device.type}; the CUDA kernels are the 'cuda' backend)"
     if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         return f"dtype {dtype} is not supported (fp32, fp64, fp16, bf16)"
-    return _rows_reason(rows)
+    return _rows_reason(rows, CPP_MAX_ROWS)
 
 
 # ----------------------------------------------------------------------------- kernels
