@@ -45,6 +45,7 @@ def load() -> Tuple[Optional[object], Optional[str]]:
     return _C, None
 
 
+@functools.lru_cache(maxsize=None)  # asked on every dispatch; the loaded module never changes
 def build_info() -> dict:
     """What the loaded extension contains ({} when it is not loaded): ``cuda`` (bool),
     ``cuda_archs`` (e.g. "8.0;9.0"), ``torch`` (the version it was built against)."""

@@ -88,6 +88,21 @@ inline void tile(const acc_t<T>* __restrict__ x, const T* __restrict__ w,
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) acc[i][j] = accbuf[i * NB + j];
+  // One vector of K: v_j = w_j (+ d_j) for the NB features, FMA'd into every row's accumulators.
+  auto step = [&](int64_t kk) __attribute__((always_inline)) {
+    V v[NB];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) {
+      v[j] = load_acc(w + j * K + kk);
+      if constexpr (HAS_D) v[j] = v[j] + load_acc(d + j * K + kk);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      const V xi = V::loadu(x + i * K + kk);
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xi, v[j], acc[i][j]);
+    }
+  };
   int64_t k = 0;
   if (pw != nullptr) {
     // One prefetch per 64-byte line of the next block, spread over this block's k loop.
@@ -99,36 +114,10 @@ inline void tile(const acc_t<T>* __restrict__ x, const T* __restrict__ w,
         if (HAS_D && pd != nullptr) __builtin_prefetch(pd + j * K + k, 0, 3);
       }
 #pragma GCC unroll 4
-      for (int64_t kk = k; kk < k + kLine; kk += VW) {
-        V v[NB];
-#pragma GCC unroll 16
-        for (int j = 0; j < NB; ++j) {
-          v[j] = load_acc(w + j * K + kk);
-          if constexpr (HAS_D) v[j] = v[j] + load_acc(d + j * K + kk);
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < MB; ++i) {
-          const V xi = V::loadu(x + i * K + kk);
-#pragma GCC unroll 16
-          for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xi, v[j], acc[i][j]);
-        }
-      }
+      for (int64_t kk = k; kk < k + kLine; kk += VW) step(kk);
     }
   }
-  for (; k < klen; k += VW) {
-    V v[NB];
-#pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) {
-      v[j] = load_acc(w + j * K + k);
-      if constexpr (HAS_D) v[j] = v[j] + load_acc(d + j * K + k);
-    }
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      const V xi = V::loadu(x + i * K + k);
-#pragma GCC unroll 16
-      for (int j = 0; j < NB; ++j) acc[i][j] = at::vec::fmadd(xi, v[j], acc[i][j]);
-    }
-  }
+  for (; k < klen; k += VW) step(k);
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 16

@@ -133,5 +133,22 @@ inline int choose_ksplit(int64_t N, int R, int64_t KV) {
   return best;
 }
 
+// One M-blocked launch: grid.x = blocks of (kWarps / ksplit)·R output rows, grid.y = blocks of MB
+// rows of x, issued in chunks of at most kMaxGridY M blocks; launch(grid, ksplit, m_base) issues
+// one chunk's kernel (m_base = its first row), on the current stream.
+template <typename F>
+void launch_m_chunks(const char* op, int64_t M, int64_t N, int64_t KV, int MB, int R, F&& launch) {
+  const int ksplit = choose_ksplit(N, R, KV);
+  const int64_t rows_per_block = static_cast<int64_t>(kWarps / ksplit) * R;
+  const int64_t grid_x = (N + rows_per_block - 1) / rows_per_block;
+  TORCH_CHECK(grid_x <= INT_MAX, op, ": N=", N, " is too large");
+  const int64_t m_blocks_total = (M + MB - 1) / MB;
+  for (int64_t mb0 = 0; mb0 < m_blocks_total; mb0 += kMaxGridY) {
+    const int64_t gy = std::min<int64_t>(kMaxGridY, m_blocks_total - mb0);
+    launch(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(gy)), ksplit, mb0 * MB);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace cuda_detail
 }  // namespace taps_fast

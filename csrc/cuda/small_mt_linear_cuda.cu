@@ -220,31 +220,23 @@ template <typename T, int MB, bool VECTOR>
 void launch_mt(const MtArgs& a) {
   constexpr int R = MB >= 16 ? 2 : 4;  // MB·R accumulators: ≤ 32 registers
   constexpr int VEC = VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1;
-  const int ksplit = choose_ksplit(a.N, R, a.K / VEC);
-  const int64_t rows_per_block = static_cast<int64_t>(kWarps / ksplit) * R;
-  const int64_t grid_x = (a.N + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(grid_x <= INT_MAX, "taps_fast::small_mt_linear: N=", a.N, " is too large");
   const cudaStream_t stream = current_stream();
-  const int64_t m_blocks_total = (a.M + MB - 1) / MB;
-  for (int64_t mb0 = 0; mb0 < m_blocks_total; mb0 += kMaxGridY) {
-    const int64_t gy = std::min<int64_t>(kMaxGridY, m_blocks_total - mb0);
-    const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(gy));
-    const T* x = static_cast<const T*>(a.x);
-    const T* W = static_cast<const T*>(a.W);
-    const T* D = static_cast<const T*>(a.deltas);
-    const T* b = static_cast<const T*>(a.bias);
-    T* y = static_cast<T*>(a.y);
+  const T* x = static_cast<const T*>(a.x);
+  const T* W = static_cast<const T*>(a.W);
+  const T* D = static_cast<const T*>(a.deltas);
+  const T* b = static_cast<const T*>(a.bias);
+  T* y = static_cast<T*>(a.y);
+  launch_m_chunks("taps_fast::small_mt_linear", a.M, a.N, a.K / VEC, MB, R, [&](dim3 grid, int ksplit, int64_t m_base) {
     if constexpr (VECTOR) {
       _taps_small_mt_linear_fwd_kernel<T, MB, R, VEC><<<grid, kThreads, 0, stream>>>(
           x, a.task_ids, a.ids_long, W, D, a.slot, a.slot_long, a.scores, a.thresholds,
-          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, mb0 * MB);
+          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, m_base);
     } else {
       _taps_small_mt_linear_fwd_scalar_kernel<T, MB, R><<<grid, kThreads, 0, stream>>>(
           x, a.task_ids, a.ids_long, W, D, a.slot, a.slot_long, a.scores, a.thresholds,
-          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, mb0 * MB);
+          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, m_base);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  });
 }
 
 template <typename T>
