@@ -3,7 +3,9 @@
 Drop-in gated layers (:class:`TAPSLinear`, :class:`TAPSConv2d`), whole-model conversion
 (:func:`convert`), the training helpers (:func:`sparsity_penalty`, :func:`freeze_gates`,
 :func:`summary`), task checkpoints (:func:`save_task`, :func:`load_task`), :func:`merge`, and
-:class:`MultiTaskModel` (many tasks on one base in one mixed batch).
+:class:`MultiTaskModel` (many tasks on one base in one mixed batch), and figures of the results
+(:func:`plot_gate_map`, :func:`plot_lambda_sweep`, :func:`gate_matrix`; matplotlib is imported only
+when a figure is drawn).
 """
 import logging as _logging
 
@@ -23,6 +25,7 @@ from .ops import (
     taps_mt_linear,
     taps_mt_linear_ref,
 )
+from .plot import gate_matrix, plot_gate_map, plot_lambda_sweep  # imports matplotlib only when called
 from .training import Summary, freeze_gates, sparsity_penalty, summary
 
 _logging.getLogger("taps_fast").addHandler(_logging.NullHandler())
@@ -33,5 +36,5 @@ __all__ = [
     "freeze_gates", "summary", "Summary", "save_task", "load_task", "base_fingerprint",
     "TaskFileError", "use_backend", "backend_names", "NoBackendError", "DEFAULT_THRESHOLD",
     "DEFAULT_INIT_SCORE", "MultiTaskModel", "taps_mt_linear", "taps_mt_conv2d", "taps_mt_linear_ref",
-    "taps_mt_conv2d_ref",
+    "taps_mt_conv2d_ref", "plot_gate_map", "plot_lambda_sweep", "gate_matrix",
 ]
