@@ -246,7 +246,8 @@ def format_rows(rows: List[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- run
-def run(args) -> dict:
+def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
+    """Measure the suite; ``say`` receives progress lines (main passes a stderr printer)."""
     from .bench import environment, resolve_device, resolve_dtype, selected_backends
 
     device = resolve_device(args.device)
@@ -259,7 +260,6 @@ def run(args) -> dict:
     conv_batch = args.conv_batch or (64 if cuda else 2)
     ceil = ceilings(device, t)
     rows: List[dict] = []
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     groups = args.groups
 
     vit = VIT_NK if not args.quick else [(24, 40)]
@@ -340,7 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     t0 = time.perf_counter()
-    rec = run(args)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    rec = run(args, say)
     rec["elapsed_s"] = time.perf_counter() - t0
     rec["arguments"] = vars(args)
     c = rec["ceilings"]
@@ -349,20 +350,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"backends={rec['backends']}  ceilings: copy {c['bandwidth_GBps']:.1f} GB/s, "
           f"matmul ({c['matmul']}) {c['matmul_TFLOPs']:.3g} TFLOP/s")
     print(format_rows(rec["rows"]))
-    write_record(rec, args.out, "kernels")
+    out = write_record(rec, args.out, "kernels")
+    print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
     return 0
 
 
 def write_record(rec: dict, out: Optional[str], suite: str) -> str:
-    """Write a suite's record as JSON (default benchmarks/results/<suite>_<device>_<time>.json)
-    and say where."""
+    """Write a suite's record as JSON (default benchmarks/results/<suite>_<device>_<time>.json);
+    returns the path."""
     dev = torch.device(rec["environment"]["device"]).type
     out = out or os.path.join("benchmarks", "results", f"{suite}_{dev}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rec, f, indent=2, default=str)
         f.write("\n")
-    print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
     return out
 
 

@@ -203,7 +203,8 @@ def round_timer(device: torch.device, repeats: int):
     return t_cpu, make_round_cpu
 
 
-def run(args) -> dict:
+def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
+    """Measure the suite; ``say`` receives progress lines (main passes a stderr printer)."""
     from .bench import environment, resolve_device, time_interleaved
     from .bench_kernels import ceilings
     from .ops.ext_backend import SMALL_M
@@ -215,7 +216,6 @@ def run(args) -> dict:
     llc = args.cache_mib << 20 if args.cache_mib else last_level_cache_bytes(device)
     ceil = ceilings(device, t)  # copy bandwidth and matmul rate, measured now
     bw, rate = ceil["bandwidth_GBps"], ceil["matmul_TFLOPs"]
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     rows: List[dict] = []
     for nk in args.nk:
         for M in args.m:
@@ -294,7 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.m or not args.nk or not args.t or min(args.m + args.nk + args.t) < 1:
         p.error("--m, --nk and --t need positive integers")
     t0 = time.perf_counter()
-    rec = run(args)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    rec = run(args, say)
     rec["elapsed_s"] = time.perf_counter() - t0
     rec["arguments"] = vars(args)
     env = rec["environment"]
@@ -303,7 +304,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{c['bandwidth_GBps']:.1f} GB/s  matmul ({c['matmul']}) {c['matmul_TFLOPs']:.3g} TFLOP/s  "
           f"last-level cache {rec['last_level_cache_bytes'] >> 20} MiB")
     print(format_rows(rec["rows"]))
-    write_record(rec, args.out, "small")
+    out = write_record(rec, args.out, "small")
+    print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
     return 0
 
 
