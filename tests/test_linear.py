@@ -159,3 +159,25 @@ def test_autocast_cpu_bf16():
 
 def test_tolerances_defined_for_every_dtype():
     assert set(RTOL) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_inplace_op_on_output(backend):
+    """nn.ReLU(inplace=True) right after the layer. Backends that reshape their 2-D result used
+    to return a view made inside the custom op, which autograd refuses to modify in place (and
+    which FSDP2 warns about): the output must not be a view, and the gradients must be those of
+    the out-of-place formula."""
+    m = make(dtype=torch.float32)
+    x = torch.randn(2, 3, 7)  # 6 rows: within the "cpp" backend's few-row range
+    with taps_fast.use_backend(backend):
+        try:
+            y = m(x)
+        except taps_fast.NoBackendError as e:
+            pytest.skip(f"backend {backend!r} cannot serve here: {e}")
+        assert not y._is_view()
+        nn.ReLU(inplace=True)(y)
+    y.sum().backward()  # by the default backends: "cpp" has forward kernels only
+    d, s = m.delta.detach().clone().requires_grad_(), m.score.detach().clone().requires_grad_()
+    taps_linear_ref(x, m.weight, d, s, m.bias, m.threshold).relu().sum().backward()
+    assert_rel_close(m.delta.grad, d.grad, torch.float32, "dΔW")
+    assert_rel_close(m.score.grad, s.grad, torch.float32, "ds")

@@ -136,3 +136,16 @@ def empty0(t: Tensor) -> Tensor:
     """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
     return t.new_empty((0,))
 
+
+
+def not_a_view(y: Tensor) -> Tensor:
+    """The forward result of a custom op as a tensor autograd does not treat as a view.
+
+    Backends that reshape a 2-D [M, N] result back to x's leading dims ("cpp", "cuda", "triton")
+    return a view of a tensor made inside the op. Autograd then refuses any in-place op on the
+    layer's output ("Output 0 of ...Backward is a view and is being modified inplace": e.g.
+    nn.ReLU(inplace=True) right after a TAPSLinear), and FSDP2 warns that such an op would skip
+    its pre-backward all-gather. aten._unsafe_view shares the storage without the view mark, as
+    torch.matmul's own reshape does: no copy.
+    """
+    return torch.ops.aten._unsafe_view(y, y.shape) if y._is_view() else y

@@ -38,6 +38,7 @@ from ._common import (
     empty0,
     gate_is_open,
     inner,
+    not_a_view,
 )
 
 _OP = "taps_linear"
@@ -125,7 +126,7 @@ def _meta(x: Tensor, weight: Tensor) -> dict:
 def _linear_fwd(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
                 threshold: float) -> Tensor:
     be = dispatch.select("linear_fwd", **_meta(x, weight))
-    return be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous()
+    return not_a_view(be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous())
 
 
 @torch.library.custom_op("taps_fast::linear", mutates_args=())

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ._common import acc_dtype, autocast_inputs, eager_no_grad, empty0, inner, match_layout
+from ._common import acc_dtype, autocast_inputs, eager_no_grad, empty0, inner, match_layout, not_a_view
 from .conv import _closed_ds as _conv_closed_ds
 from .conv import _conv2d_fake, _out_format, _restride, _y_numel, conv_geometry
 from .linear import _closed_ds as _linear_closed_ds
@@ -301,7 +301,8 @@ def _lin_y_numel(x: Tensor, weight: Tensor) -> int:
 def _mt_linear_fwd(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, slot: Tensor,
                    scores: Tensor, thresholds: Tensor, bias: Optional[Tensor]) -> Tensor:
     be = dispatch.select("mt_linear_fwd", **_meta(x, weight, deltas, _lin_y_numel(x, weight)))
-    return be.kernels["mt_linear_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias).contiguous()
+    y = be.kernels["mt_linear_fwd"](x, task_ids, weight, deltas, slot, scores, thresholds, bias)
+    return not_a_view(y.contiguous())
 
 
 @torch.library.custom_op("taps_fast::mt_linear", mutates_args=())
