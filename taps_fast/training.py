@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .convert import taps_layers, task_state_keys
+from .distributed import refuse_wrapped
 from .ops._common import gate_is_open
 
 log = logging.getLogger("taps_fast")
@@ -47,7 +48,11 @@ def freeze_gates(model: nn.Module) -> Dict[str, int]:
     """The frozen-gate fine-tune phase: every score stops training (the gates are now fixed),
     closed layers drop their deltas (freeing their memory; they compute with W alone), open
     layers keep training their deltas. Rebuild the optimizer afterwards: the dropped deltas are
-    gone. Returns {"open": n_open, "closed": n_closed}."""
+    gone. Returns {"open": n_open, "closed": n_closed}.
+
+    Distributed: pass the unwrapped model, then wrap it again (DDP) or re-shard it (FSDP2): a
+    DDP wrapper or FSDP-sharded module is refused (taps_fast.distributed.refuse_wrapped)."""
+    refuse_wrapped(model, "freeze_gates")
     layers = _layers_or_raise(model, "freeze_gates")
     states = {name: gate_is_open(m.score, m.threshold, f"freeze_gates: layer {name!r}") for name, m in layers}
     for name, m in layers:
