@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.taps_fast-installed
 # nvcc lives here on the development machines; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: setup test bench bench-layers bench-kernels bench-small check-kernels info clean
+.PHONY: setup test bench bench-layers bench-kernels bench-small check-kernels info demo clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,12 @@ check-kernels: $(STAMP)
 
 info: $(STAMP)
 	$(PY) -m taps_fast.info
+
+# End to end on scikit-learn's handwritten digits (shipped inside the package: nothing downloaded):
+# pretrain a small CNN, adapt it to 4 tasks by full fine-tuning, head-only and TAPS, serve all tasks
+# in one mixed batch, plot the gate map and a λ sweep; writes demo_out/. ARGS="--quick" for a short run.
+demo: $(STAMP)
+	$(PY) -m taps_fast.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
