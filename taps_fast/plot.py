@@ -143,7 +143,7 @@ def plot_gate_map(summaries: Mapping[str, SummaryLike], path: Optional[PathLike]
     cell = min(CELL_IN, MAX_WIDTH_IN / n_l)
     label_w = 0.065 * max(map(len, row_labels)) + 0.3  # ~0.065 in per 8 pt character
     name_h = 0.055 * max(map(len, layers)) + 0.6  # rotated 6 pt names below the map
-    fig = _new_figure((max(4.0, label_w + n_l * cell + 0.4), max(1.5, n_t * max(cell, 0.25) + name_h + 0.6)))
+    fig = _new_figure((max(5.5, label_w + n_l * cell + 0.4), max(1.5, n_t * max(cell, 0.25) + name_h + 0.6)))
     ax = fig.add_subplot()
 
     from matplotlib.colors import ListedColormap
@@ -159,10 +159,9 @@ def plot_gate_map(summaries: Mapping[str, SummaryLike], path: Optional[PathLike]
     ax.grid(which="minor", color="0.75", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
     ax.tick_params(which="major", length=2)
-    ax.set_xlabel("gated layer (model order); filled = task-specific (gate open), empty = shared base",
-                  fontsize=8)
+    ax.set_xlabel("gated layer: filled = task-specific (open), empty = shared base", fontsize=8)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     _save(fig, path)
     return fig
 
@@ -230,8 +229,11 @@ def plot_lambda_sweep(points: Sequence[Mapping[str, Any]], path: Optional[PathLi
         ys = [100 * p["accuracy"] for p in ps]
         label = (str(task) if task is not None else "(no task)") if several else (None if task is None else str(task))
         ax.plot(xs, ys, marker="o", color=f"C{gi % 10}", label=label)
+        same: Dict[Tuple[float, float], List[str]] = {}  # runs ending at one point get one label
         for p, x, y in zip(ps, xs, ys):
-            ax.annotate(f"λ={p['lam']:g}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+            same.setdefault((x, y), []).append(f"{p['lam']:g}")
+        for (x, y), lams in same.items():
+            ax.annotate(f"λ={', '.join(lams)}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     markers = "*Ds^PXv<>"  # distinct from the sweep lines' "o"
     for bi, (label, b) in enumerate(base):
         ax.scatter([100 * b["task_fraction"]], [100 * b["accuracy"]], marker=markers[bi % len(markers)],

@@ -240,3 +240,12 @@ def test_import_does_not_import_matplotlib():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_plot_lambda_sweep_one_label_for_coincident_points():
+    """Runs at several λ that end at the same point (same gates, same accuracy) share one label."""
+    pytest.importorskip("matplotlib")
+    points = [{"lam": lam, "accuracy": 0.9, "task_fraction": 0.3} for lam in (0.5, 1.0)]
+    points.append({"lam": 4.0, "accuracy": 0.8, "task_fraction": 0.01})
+    ax = plot_lambda_sweep(points).axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["λ=0.5, 1", "λ=4"]
