@@ -163,8 +163,8 @@ def with_new_head(model: nn.Module, num_classes: int, seed: int) -> nn.Module:
     return new
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- config

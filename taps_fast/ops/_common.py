@@ -137,7 +137,6 @@ def empty0(t: Tensor) -> Tensor:
     return t.new_empty((0,))
 
 
-
 def not_a_view(y: Tensor) -> Tensor:
     """The forward result of a custom op as a tensor autograd does not treat as a view.
 
