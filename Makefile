@@ -7,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0 tqdm==4.70.1 \
-          numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 \
+          numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 hypothesis==6.170.17 \
           setuptools==84.2.1 wheel==0.48.0 \
           scikit-learn==1.9.1 matplotlib==3.11.2 peft==0.21.2 transformers==5.24.0
 STAMP  := $(VENV)/.taps_fast-installed

@@ -91,7 +91,7 @@ setup(
         "triton": ["triton>=3.2"],
         "plot": ["matplotlib>=3.7"],  # taps_fast.plot_*
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],  # the digits data ship inside scikit-learn
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "timm>=1.0", "torchvision>=0.21",
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100", "timm>=1.0", "torchvision>=0.21",
                  "scikit-learn>=1.3", "matplotlib>=3.7", "peft>=0.14"],
     },
     entry_points={"console_scripts": ["taps-fast=taps_fast.cli:main"]},

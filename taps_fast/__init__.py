@@ -12,7 +12,7 @@ import logging as _logging
 
 from ._version import __version__
 from .authors import AuthorsCheckpointError, convert_authors_checkpoint, import_authors_checkpoint
-from .checkpoint import TaskFileError, base_fingerprint, load_task, save_task
+from .checkpoint import TaskFileError, TaskFileNotFoundError, base_fingerprint, load_task, save_task
 from .convert import convert, is_norm, merge, taps_layers
 from .dispatch import NoBackendError, backend_names, use_backend
 from .modules import DEFAULT_INIT_SCORE, DEFAULT_THRESHOLD, TAPSConv2d, TAPSLinear
@@ -36,7 +36,7 @@ __all__ = [
     "__version__", "TAPSLinear", "TAPSConv2d", "taps_linear", "taps_conv2d", "taps_linear_ref",
     "taps_conv2d_ref", "convert", "merge", "taps_layers", "is_norm", "sparsity_penalty",
     "freeze_gates", "summary", "Summary", "save_task", "load_task", "base_fingerprint",
-    "TaskFileError", "use_backend", "backend_names", "NoBackendError", "DEFAULT_THRESHOLD",
+    "TaskFileError", "TaskFileNotFoundError", "use_backend", "backend_names", "NoBackendError", "DEFAULT_THRESHOLD",
     "DEFAULT_INIT_SCORE", "MultiTaskModel", "taps_mt_linear", "taps_mt_conv2d", "taps_mt_linear_ref",
     "taps_mt_conv2d_ref", "plot_gate_map", "plot_lambda_sweep", "gate_matrix",
     "import_authors_checkpoint", "convert_authors_checkpoint", "AuthorsCheckpointError",

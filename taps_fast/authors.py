@@ -163,7 +163,7 @@ def import_authors_checkpoint(
     if base not in ("check", "load"):
         raise ValueError(f"import_authors_checkpoint: base must be 'check' or 'load', got {base!r}")
     tau = AUTHORS_THRESHOLD if threshold is None else threshold
-    check_threshold(tau, "import_authors_checkpoint: threshold")
+    check_threshold(tau, "import_authors_checkpoint: threshold", finite=True)
     tau = float(tau)
     layers = dict(taps_layers(model))
     if not layers:
@@ -201,7 +201,7 @@ def import_authors_checkpoint(
         plan[f"{n}.{_RESIDUAL}"] = (f"{n}.delta", "delta")
         plan[f"{n}.{_INDICATOR}"] = (f"{n}.score", "score")
     for k in state:
-        if k in gated and k.rpartition(".")[2] in ("delta", "score"):
+        if k in gated and k.rpartition(".")[2] in ("delta", "score", "_extra_state"):  # τ: the threshold argument
             continue
         plan[k] = (k, "task" if k in task else "base")
 

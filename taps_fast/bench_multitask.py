@@ -88,9 +88,10 @@ def write_tasks(arch: str, T: int, open_frac: float, folder: str) -> List[str]:
 
 
 def _read(path):
-    from .checkpoint import read_task_file
+    """The tensors of a task file the benchmark wrote itself (checksum verified)."""
+    from .checkpoint import TaskFile
 
-    return read_task_file(path)[0]
+    return TaskFile(path).read_tensors()
 
 
 def _head_name(model: nn.Module) -> str:

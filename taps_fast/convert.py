@@ -134,7 +134,7 @@ def convert(
     skipped and logged with the reason (e.g. timm's StdConv2d, nn.MultiheadAttention's out_proj).
     Returns the model (a new TAPS layer if ``model`` itself is a bare Linear/Conv2d).
     """
-    check_threshold(threshold, "convert: threshold")
+    check_threshold(threshold, "convert: threshold", finite=True)
     check_threshold(init_score, "convert: init_score")
     heads = resolve_head(model, head)
     inc, exc = _as_list(include), _as_list(exclude)
@@ -214,9 +214,19 @@ def convert(
 
 def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain model for single-task deployment: each TAPS layer becomes the nn.Linear / nn.Conv2d
-    it came from, with W + ΔW folded in where the gate is open and W where it is closed. Exact:
-    the merged model computes bit for bit what the TAPS model computes. ``inplace=False`` (default)
-    leaves ``model`` untouched and returns a copy."""
+    it came from, with W + ΔW folded in where the gate is open and W where it is closed.
+    ``inplace=False`` (default) leaves ``model`` untouched and returns a copy.
+
+    Precision: W + ΔW is formed once, in the layer's dtype (rounded once), exactly as the
+    "reference" backend forms it on every call, and the merged layers run torch's own F.linear /
+    F.conv2d. So the merged model's outputs equal the TAPS model's bit for bit wherever the TAPS
+    model runs the reference path on the same batch: on the CPU every conv, and every linear
+    called with more than 32 rows (every call without the compiled extension). Elsewhere they
+    agree within a few units in the last place of the layer dtype (tests/helpers.py's RTOL; for
+    outputs that cancel, relative to Σ|x|·|W + ΔW|), not bitwise. The compiled few-row kernels
+    ("cpp": at most 32 rows on the CPU; "cuda": at most 16) and the Triton kernels sum in another
+    order, and in fp16/bf16 the compiled kernels keep W + ΔW in fp32 where merge rounds it to the
+    layer dtype. docs/precision.md gives the contract for every backend and path."""
     if not inplace:
         model = copy.deepcopy(model)
     mapping: Dict[int, nn.Module] = {}

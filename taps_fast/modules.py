@@ -27,16 +27,39 @@ class _TAPSMixin:
     weight: nn.Parameter
     delta: Optional[nn.Parameter]
     score: nn.Parameter
-    threshold: float
+    _threshold: float
 
     def _init_taps(self, threshold: float, init_score: float) -> None:
-        check_threshold(threshold, type(self).__name__)
         check_threshold(init_score, type(self).__name__ + " init_score")
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.weight.requires_grad_(False)  # the shared pretrained base stays frozen
         self.delta = nn.Parameter(torch.zeros_like(self.weight))
         self.score = nn.Parameter(torch.tensor(float(init_score), dtype=self.weight.dtype,
                                                device=self.weight.device))
+
+    @property
+    def threshold(self) -> float:
+        """τ of the gate 1[score ≥ τ]: a finite real number (checked whenever it is set)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        check_threshold(value, type(self).__name__, finite=True)
+        self._threshold = float(value)
+
+    # The threshold is part of the state_dict (``<layer>._extra_state``, a 0-dim float64 tensor, so
+    # that safetensors can hold it too): a state_dict loaded into a model converted with another τ
+    # restores the τ its gates were trained at instead of silently reopening or closing them.
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.threshold, dtype=torch.float64)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, Tensor) and state.dim() == 0 and state.is_floating_point():
+            state = float(state)
+        if not isinstance(state, float):
+            raise ValueError(f"{type(self).__name__}: the saved threshold must be a 0-dim float tensor, "
+                             f"got {state!r}")
+        self.threshold = state
 
     @property
     def is_open(self) -> bool:

@@ -30,12 +30,18 @@ train-mode BatchNorm computes statistics per task. The base stays frozen: base r
 norms' running statistics in train mode too. ``task_tensors`` / ``save_task`` export a task as
 the same file ``taps_fast.save_task`` writes. ``add_task`` / ``remove_task`` replace the stacked
 parameters: build the optimizer after adding the tasks.
+
+Threads: several threads may call one model at once (a server's workers): each call's ids and
+task live in the calling thread (``_Context`` is a threading.local), and serving reads the
+model without writing it, so every call gets exactly its serial result. ``add_task`` and
+``remove_task`` replace the stacks: make them while no call is running.
 """
 from __future__ import annotations
 
 import copy
-import json
+import operator
 import os
+import threading
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -43,21 +49,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import TaskFileError, fingerprint_of, read_task_file, task_tensors, write_task
+from .checkpoint import (TaskFileError, TaskSpec, check_header, check_thresholds, check_values, fingerprint_of,
+                         header_of, read_task, task_tensors, write_task)
 from .convert import convert, is_norm, resolve_head, taps_layers
 from .modules import TAPSConv2d, TAPSLinear
 from .ops import taps_conv2d, taps_linear
 from .ops._common import gate_is_open
 from .ops.ext_backend import CPP_MAX_ROWS
-from .ops.multitask import check_task_ids, check_task_ids_meta, taps_mt_conv2d, taps_mt_linear
+from .ops.multitask import check_task_ids, check_task_ids_meta, kernel_ids, taps_mt_conv2d, taps_mt_linear
 
 BASE = "base"
 Source = Union[str, "os.PathLike[str]", nn.Module]
 
 
-class _Context:
-    """The per-sample task ids of the batch being computed, shared by every wrapped layer
-    (set by MultiTaskModel.forward for the duration of the call)."""
+class _Context(threading.local):
+    """The per-sample task ids of the batch being computed, shared by every wrapped layer and set
+    by MultiTaskModel.forward for the duration of the call.
+
+    Per thread (a threading.local): the state of a call lives in the thread making it, so several
+    threads may call one model at once and each gets exactly its serial result (a server's worker
+    threads do). torch.compile traces the attribute reads like any other (fullgraph holds)."""
 
     def __init__(self) -> None:
         self.ids: Optional[Tensor] = None
@@ -65,6 +76,9 @@ class _Context:
         # to this task (-1: the base) and the layers take the single-task path, with no gather
         # and no per-layer host sync.
         self.task: Optional[int] = None
+
+    def __reduce__(self):  # copy.deepcopy / pickle: a fresh, empty context (no call in flight)
+        return (_Context, ())
 
     def get(self, who: str) -> Tensor:
         if self.ids is None:
@@ -531,7 +545,6 @@ class MultiTaskModel(nn.Module):
         ctx = _Context()
         _set(self, "_ctx", ctx)
         layers = list(taps_layers(base_model))
-        self._fingerprint_dtype = layers[0][1].weight.dtype
         self.fingerprint = fingerprint_of((n, m.weight) for n, m in layers)
         heads = resolve_head(base_model)
         mapping: Dict[int, nn.Module] = {}
@@ -605,26 +618,16 @@ class MultiTaskModel(nn.Module):
         if name in self.tasks:
             raise ValueError(f"add_task: a task named {name!r} exists already (remove_task it first)")
         if isinstance(source, nn.Module):
-            tensors, thresholds, heads = self._from_model(source)
+            tensors, thresholds, opened, heads = self._from_model(source, name)
             where = f"task {name!r} (a {type(source).__name__})"
-        elif isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            tensors, meta = read_task_file(path)
-            if meta.get("base_fingerprint") != self.fingerprint:
-                raise TaskFileError(f"{path!r} was made for a different base model: base fingerprint "
-                                    f"{str(meta.get('base_fingerprint', '?'))[:16]}… in the file, "
-                                    f"{self.fingerprint[:16]}… for this MultiTaskModel "
-                                    f"({self._fingerprint_dtype} base)")
-            try:
-                thresholds = json.loads(meta["thresholds"])
-            except (KeyError, ValueError) as e:
-                raise TaskFileError(f"{path!r}: missing or malformed 'thresholds' metadata") from e
+        elif isinstance(source, (str, bytes, os.PathLike)):
+            tensors, thresholds, opened = read_task(source, self.task_spec())
             heads = None
-            where = repr(path)
+            where = repr(os.fsdecode(source))
         else:
             raise TypeError(f"add_task: source must be a task file path or a converted nn.Module, "
                             f"got {type(source).__name__}")
-        plan = self._plan(tensors, thresholds, heads, where)
+        plan = self._plan(tensors, thresholds, opened, heads, where)
         self._commit(plan)
         self.tasks.append(name)
 
@@ -641,8 +644,30 @@ class MultiTaskModel(nn.Module):
             del h.tasks[t]
         self.tasks.pop(t)
 
-    def _from_model(self, model: nn.Module):
+    def task_spec(self, heads: bool = True) -> TaskSpec:
+        """What a task must hold to be added (taps_fast.checkpoint.TaskSpec): a score for every
+        gated layer, deltas of the weights' shapes and dtypes, every norm layer's state, and the
+        head (an nn.Linear head may have any number of classes). ``heads=False``: without the
+        head keys (a task given as a model brings its head as a module)."""
+        layers = {n: (tuple(m.weight.shape), m.weight.dtype, m.scores.dtype) for n, m in self._layers().items()}
+        states: Dict[str, Tuple[Tuple[Optional[int], ...], torch.dtype]] = {}
+        for n, m in self._norms().items():
+            for k in m.keys + m.buffer_keys:
+                ref = getattr(m.base, k)
+                states[f"{n}.{k}" if n else k] = (tuple(ref.shape), ref.dtype)
+        for h, mh in self._heads().items() if heads else ():
+            for k, v in mh.base.state_dict(prefix=h + ".").items():
+                shape = tuple(v.shape)
+                if type(mh.base) is nn.Linear:  # a task's own number of classes
+                    shape = (None,) + shape[1:]
+                states[k] = (shape, v.dtype)
+        return TaskSpec("MultiTaskModel", self.fingerprint, layers, states,
+                        extra_hint="a MultiTaskModel serves per task only the gated layers, norm layers "
+                                   "and head: the task unfroze other parameters of the base")
+
+    def _from_model(self, model: nn.Module, name: str):
         layers = list(taps_layers(model))
+        where = f"task {name!r} (a {type(model).__name__})"
         if not layers:
             raise ValueError(f"add_task: the {type(model).__name__} has no TAPS layers; pass a "
                              "converted model (taps_fast.convert) or a task file")
@@ -654,75 +679,36 @@ class MultiTaskModel(nn.Module):
             raise TaskFileError(f"add_task: the {type(model).__name__} was converted from a different base "
                                 f"model (base fingerprint {fp[:16]}…, this MultiTaskModel's "
                                 f"{self.fingerprint[:16]}…): its frozen weights differ")
-        tensors = task_tensors(model)
-        thresholds = {n: m.threshold for n, m in layers}
+        head_keys = tuple(h + "." for h in self._head_names)
+        tensors = {k: t for k, t in task_tensors(model).items()
+                   if not (k.startswith("state/") and k[6:].startswith(head_keys))}
+        thresholds = check_thresholds({n: m.threshold for n, m in layers}, self._layer_names, where)
+        spec = self.task_spec(heads=False)
+        check_header(header_of(tensors), fp, spec, where)
+        opened = check_values(tensors, thresholds, spec, where)
         heads = {h: model.get_submodule(h) for h in self._head_names if _has_module(model, h)}
-        return tensors, thresholds, heads
+        return tensors, thresholds, opened, heads
 
-    def _plan(self, tensors: Dict[str, Tensor], thresholds: Dict[str, float],
+    def _plan(self, tensors: Dict[str, Tensor], thresholds: Dict[str, float], opened: Dict[str, bool],
               head_modules: Optional[Dict[str, nn.Module]], where: str):
-        """Check a task against this model; return what _apply writes (nothing is written here)."""
+        """A checked task (check_header, check_values) as what _commit writes (nothing is
+        written here); the heads are rebuilt from their state or copied from the task's model."""
         problems: List[str] = []
-        layers = self._layers()
-        scores = {k[6:]: t for k, t in tensors.items() if k.startswith("score/")}
-        deltas = {k[6:]: t for k, t in tensors.items() if k.startswith("delta/")}
-        states = {k[6:]: t for k, t in tensors.items() if k.startswith("state/")}
-        missing, extra = sorted(set(layers) - set(scores)), sorted(set(scores) - set(layers))
-        if missing or extra:
-            raise TaskFileError(f"{where} does not fit this MultiTaskModel: its gated layers differ "
-                                f"(missing {missing}, extra {extra})")
-        plan_layers = {}
-        for n, m in layers.items():
-            s = scores[n]
-            if s.dim() != 0 or not s.is_floating_point():
-                problems.append(f"score/{n} must be a 0-dim float tensor")
-                continue
-            if bool(torch.isnan(s)):
-                problems.append(f"score/{n} is NaN")
-                continue
-            thr = float(thresholds.get(n, 0.1))
-            thr_t = torch.tensor(thr, dtype=m.thresholds.dtype)
-            is_open = bool(s.to(m.thresholds.dtype).cpu() >= thr_t)
-            d = deltas.get(n)
-            if is_open and d is None:
-                problems.append(f"missing delta/{n} (the layer is open)")
-            elif not is_open and d is not None:
-                problems.append(f"extra delta/{n} (the layer is closed)")
-            elif d is not None and tuple(d.shape) != tuple(m.weight.shape):
-                problems.append(f"delta/{n} has shape {tuple(d.shape)}, the layer's weight {tuple(m.weight.shape)}")
-            plan_layers[n] = (s, thr, d if is_open else None)
-        for n in sorted(set(deltas) - set(layers)):
-            problems.append(f"extra delta/{n} (no such gated layer)")
-        used = set()
+        plan_layers = {n: (tensors[f"score/{n}"], thresholds[n], tensors[f"delta/{n}"] if opened[n] else None)
+                       for n in self._layer_names}
         plan_norms = {}
         for n, m in self._norms().items():
-            st = {}
-            for k in m.keys + m.buffer_keys:
-                key = f"{n}.{k}" if n else k
-                ref = getattr(m.base, k)
-                if key not in states:
-                    problems.append(f"missing state/{key} (norm layer)")
-                elif tuple(states[key].shape) != tuple(ref.shape):
-                    problems.append(f"state/{key} has shape {tuple(states[key].shape)}, the base's {tuple(ref.shape)}")
-                else:
-                    st[k] = states[key]
-                used.add(key)
-            plan_norms[n] = st
+            plan_norms[n] = {k: tensors[f"state/{n}.{k}" if n else f"state/{k}"] for k in m.keys + m.buffer_keys}
         plan_heads = {}
         for h, mh in self._heads().items():
-            keys = {k: t for k, t in states.items() if k.startswith(h + ".")}
-            used |= set(keys)
             if head_modules is not None and h in head_modules:
                 plan_heads[h] = copy.deepcopy(head_modules[h])
                 continue
-            mod, why = _head_from_state(mh.base, {k[len(h) + 1:]: t for k, t in keys.items()})
+            state = {k[len(h) + 7:]: t for k, t in tensors.items() if k.startswith(f"state/{h}.")}
+            mod, why = _head_from_state(mh.base, state)
             if why:
                 problems.append(f"head {h!r}: {why}")
             plan_heads[h] = mod
-        other = sorted(set(states) - used)
-        if other:
-            problems.append(f"state keys a MultiTaskModel cannot serve per task (parameters of the "
-                            f"base the task unfroze): {other}")
         if problems:
             raise TaskFileError(f"{where} does not fit this MultiTaskModel: " + "; ".join(problems))
         return plan_layers, plan_norms, plan_heads
@@ -776,15 +762,27 @@ class MultiTaskModel(nn.Module):
         if isinstance(task_ids, (list, tuple)):
             if batch is not None and len(task_ids) != batch:
                 raise ValueError(f"MultiTaskModel: {len(task_ids)} task ids for a batch of {batch} samples")
-            ids = [self.task_index(t) if isinstance(t, str) else int(t) for t in task_ids]
-            task_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+            task_ids = torch.tensor([self._id_of(t) for t in task_ids], dtype=torch.int64, device=dev)
         if batch is None:
             raise TypeError("MultiTaskModel: x must be a tensor whose first dimension is the batch")
         if torch.compiler.is_compiling():  # the id range check syncs the host: eager only
             check_task_ids_meta("MultiTaskModel", task_ids, batch, dev)
         else:
             check_task_ids("MultiTaskModel", task_ids, batch, len(self.tasks), dev)
-        return task_ids
+        return kernel_ids(task_ids)
+
+    def _id_of(self, t) -> int:
+        """One entry of a list of ids: a task name, or an integer (a Python or numpy int; a float
+        or a bool is refused rather than truncated)."""
+        if isinstance(t, str):
+            return self.task_index(t)
+        if not isinstance(t, bool):
+            try:
+                return operator.index(t)
+            except TypeError:
+                pass
+        raise TypeError(f"MultiTaskModel: task ids must be task names or integers, got {t!r} "
+                        f"({type(t).__name__})")
 
     def forward(self, x: Tensor, task_ids) -> Tensor:
         """Each sample through its own task (task_ids: [B] ints, -1 = base, or a list of task

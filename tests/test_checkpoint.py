@@ -157,7 +157,7 @@ def _rewrite(path, dst, mutate):
     with safe_open(str(path), "pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     mutate(tensors, meta)
-    meta["checksum"] = _checksum(tensors.items())
+    meta["checksum"] = _checksum(tensors.items(), meta)
     save_file(tensors, str(dst), metadata=meta)
 
 

@@ -43,9 +43,13 @@ def gate_is_open(score: Tensor, threshold: float, where: str) -> bool:
     return bool(s >= threshold)
 
 
-def check_threshold(threshold: float, where: str) -> None:
-    if not isinstance(threshold, (int, float)) or threshold != threshold:
-        raise ValueError(f"{where}: threshold must be a real number, got {threshold!r}")
+def check_threshold(threshold: float, where: str, finite: bool = False) -> None:
+    """A real number (an int or a float, not a bool), not NaN; ``finite``: not ±inf either (a
+    layer's τ: an infinite one would fix its gate for ever, and a task file refuses it)."""
+    if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold
+            or (finite and threshold in (float("inf"), float("-inf")))):
+        kind = "finite real" if finite else "real"
+        raise ValueError(f"{where}: threshold must be a {kind} number, got {threshold!r}")
 
 
 def check_common(

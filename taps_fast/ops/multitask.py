@@ -28,8 +28,9 @@ This file holds, Liger-Kernel style:
   loop over the T tasks, each an ordinary op on the whole batch): the test oracle, in float64.
 - the "reference" backend's kernels, the CPU path: a loop over the tasks present, never over
   samples. Conv: y = conv(x, W) + b for the whole batch, then y_t += conv(x_t, ΔW_t) for each
-  open task t (linearity: W + ΔW is never formed). Linear on a batch sorted by task (what
-  MultiTaskModel passes on the CPU): one product per run of samples sharing a weight, written
+  open task t (linearity: W + ΔW is never formed). Linear on a batch in which the rows of each
+  weight (W for the base and the closed tasks, W + ΔW_t for each open task t) form one run of
+  consecutive samples: one product per run, written
   in place into y, with W + ΔW_t formed for the call (a transient the size of W; the model
   holds only W and the stacked deltas). Groups of consecutive samples are views, never copies.
   The groups are found on the host (a sync per layer: fine on a CPU; the Triton kernels build
@@ -121,9 +122,11 @@ def _groups(task_ids: Tensor, keep: Tensor) -> List[Tuple[int, Sel]]:
     """[(task, its samples)] for each task t present with keep[t], in task order; the samples
     as a slice when they are consecutive (MultiTaskModel sorts the batch by task on the CPU, so
     they are: a view, no copy) or else an index tensor. Host sync: the CPU path's way."""
+    out: List[Tuple[int, Sel]] = []
+    if keep.numel() == 0:  # no tasks on this layer (T = 0): every row is the base's
+        return out
     ids = task_ids.long()
     sel = (ids >= 0) & keep[ids.clamp(min=0)]
-    out: List[Tuple[int, Sel]] = []
     if not bool(sel.any()):
         return out
     for t in torch.unique(ids[sel]).tolist():
@@ -138,7 +141,10 @@ def _runs(task_ids: Tensor, is_open: Tensor) -> Optional[List[Tuple[int, int, in
     same weight, or None when that would take more runs than there are weights (an unsorted
     batch: then the groups are gathered instead)."""
     ids = task_ids.long()
-    key = torch.where((ids >= 0) & is_open[ids.clamp(min=0)], ids, -1)
+    if is_open.numel() == 0:  # no tasks (T = 0): one run of the base weight
+        key = torch.full_like(ids, -1)
+    else:
+        key = torch.where((ids >= 0) & is_open[ids.clamp(min=0)], ids, -1)
     if key.numel() == 0:
         return []
     change = (key[1:] != key[:-1]).nonzero().flatten() + 1
@@ -170,9 +176,10 @@ def _rows_mm(a2: Tensor, w: Tensor, out2: Tensor, lo: int, hi: int, bias: Option
 
 
 def mt_linear_fwd_reference(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
-    """A sorted batch: one product per run of samples sharing a weight, written in place into y
-    (W + ΔW_t formed for the call: on a CPU that add costs less than a second product over the
-    task's rows). An unsorted one: y = x·Wᵀ + b for all, then y_t += x_t·ΔW_tᵀ per open task."""
+    """A batch whose rows of each weight form one consecutive run (the base's and the closed
+    tasks' rows count as one weight, W): one product per run, written in place into y (W + ΔW_t
+    formed for the call: on a CPU that add costs less than a second product over the task's
+    rows). Any other batch: y = x·Wᵀ + b for all, then y_t += x_t·ΔW_tᵀ per open task."""
     is_open = _open_tasks(task_ids, slot, scores, thresholds, _LIN)
     opened = _groups(task_ids, is_open)
     if not opened:
@@ -451,10 +458,20 @@ def check_task_ids(where: str, task_ids: Tensor, batch: int, num_tasks: int, dev
                              f"task(s), ids 0..{num_tasks - 1}, and -1 for the base model")
 
 
+# Every integer dtype is accepted as ids; the kernels read int32 or int64 (kernel_ids widens).
+ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def kernel_ids(task_ids: Tensor) -> Tensor:
+    """The ids as the kernels read them: int32/int64 as given, narrower integers widened to int32
+    (a copy of B bytes; uint8 ids cannot say -1, the base)."""
+    return task_ids if task_ids.dtype in (torch.int32, torch.int64) else task_ids.to(torch.int32)
+
+
 def check_task_ids_meta(where: str, task_ids: Tensor, batch: int, device) -> None:
     if not isinstance(task_ids, Tensor):
         raise TypeError(f"{where}: task_ids must be an integer torch.Tensor, got {type(task_ids).__name__}")
-    if task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    if task_ids.dtype not in ID_DTYPES:
         raise TypeError(f"{where}: task_ids must be an integer tensor, got dtype {task_ids.dtype}")
     if task_ids.dim() != 1 or task_ids.shape[0] != batch:
         raise ValueError(f"{where}: task_ids has shape {tuple(task_ids.shape)}, expected ({batch},): "
@@ -511,6 +528,7 @@ def taps_mt_linear(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
         raise ValueError(f"{_LIN}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)}: "
                          f"expected [batch, ..., {weight.shape[-1]}]")
     _check_ids(_LIN, task_ids, x, slot, check_ids)
+    task_ids = kernel_ids(task_ids)
     op = _mt_linear_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_linear_op
     return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias)
 
@@ -528,6 +546,7 @@ def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
         raise ValueError(f"{_CONV}: input of shape {tuple(x.shape)} does not fit weight {tuple(weight.shape)} "
                          f"with groups={groups}: expected [B, {weight.shape[1] * groups}, H, W]")
     _check_ids(_CONV, task_ids, x, slot, check_ids)
+    task_ids = kernel_ids(task_ids)
     x, stride, padding, dilation = conv_geometry(_CONV, x, weight, stride, padding, dilation)
     op = _mt_conv2d_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_conv2d_op
     return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding, dilation, groups)
