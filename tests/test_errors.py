@@ -95,3 +95,22 @@ def test_forced_backend_that_cannot_serve_lists_reasons(monkeypatch):
         TAPSLinear(5, 3)(torch.randn(2, 5))  # automatic choice skips it
     finally:
         dispatch._REGISTRY.remove(be)
+
+
+def test_threshold_is_a_finite_real_and_part_of_the_state_dict():
+    """τ travels with the state_dict: a model converted at the default τ that loads the state
+    of one converted at τ = 0.3 takes τ = 0.3 (its gates stay as they were trained), not 0.1.
+    Booleans, NaN and ±inf are refused wherever τ is set."""
+    src = convert(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), threshold=0.3)
+    with torch.no_grad():
+        src[0].score.fill_(0.2)  # closed at 0.3, open at 0.1
+    dst = convert(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+    dst.load_state_dict(src.state_dict())
+    assert dst[0].threshold == 0.3 and not dst[0].is_open
+    for bad in (True, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="finite real"):
+            TAPSLinear(2, 2, threshold=bad)
+        with pytest.raises(ValueError, match="finite real"):
+            dst[0].threshold = bad
+    with pytest.raises(ValueError, match="finite real"):
+        dst.load_state_dict({**src.state_dict(), "0._extra_state": torch.tensor(float("nan"), dtype=torch.float64)})
