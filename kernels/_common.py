@@ -8,7 +8,7 @@ Numerics
 - The gate I(s) = 1[s >= τ] is read from the score tensor inside the kernel: no host sync, so a
   layer can be captured in a CUDA graph. τ is passed already rounded to the score's dtype, so the
   fp32 comparison in the kernel equals torch's comparison in that dtype. A NaN score cannot raise
-  without a sync; it poisons the output instead (acc += s - s), so it is never silently closed.
+  without a sync; it poisons the output instead (acc += NaN for a NaN score), so it is never silently closed.
 - W + g·ΔW is formed tile by tile in registers in the input dtype (as the reference forms it in
   memory), then fed to one tl.dot. A closed gate masks every ΔW load off: predicated-off loads
   move no bytes, so the closed variant reads W only, with the same compiled code.
@@ -122,11 +122,12 @@ def dot_precision(dtype) -> str:
 
 @triton.jit
 def gate(s_ptr, threshold):
-    """(is_open, g, poison): is_open = s >= τ; g = 1.0 or 0.0; poison = s - s (0, or NaN for a
-    NaN score, added to results so a NaN score shows instead of reading as closed)."""
+    """(is_open, g, poison): is_open = s >= τ; g = 1.0 or 0.0; poison = 0, or NaN for a NaN
+    score, added to results so a NaN score shows instead of reading as closed. Not s - s: that
+    is NaN for s = ±inf too, which are legal gates (+inf open, -inf closed, finite outputs)."""
     s = tl.load(s_ptr).to(tl.float32)
     is_open = s >= threshold
-    return is_open, is_open.to(tl.float32), s - s
+    return is_open, is_open.to(tl.float32), tl.where(s != s, s, 0.0)
 
 
 @triton.jit
@@ -297,12 +298,13 @@ def group_rows(task_idx: torch.Tensor, num_tasks: int):
 def task_gate(task, slot_ptr, s_ptr, thr_ptr):
     """Gate of task ``task`` (a scalar, -1 = base) on this layer: (slot, is_open, poison).
     Open iff task >= 0, slot[task] >= 0 and s[task] >= thr[task]; slot is -1 when closed so the
-    callers' ΔW bounds predicate every delta load off; poison = s - s as in ``gate``."""
+    callers' ΔW bounds predicate every delta load off; poison as in ``gate`` (NaN only for a
+    NaN score)."""
     t = tl.maximum(task, 0)
     has_task = task >= 0
     slot = tl.load(slot_ptr + t)
     s = tl.load(s_ptr + t).to(tl.float32)
     thr = tl.load(thr_ptr + t).to(tl.float32)
     is_open = has_task & (slot >= 0) & (s >= thr)
-    poison = tl.where(has_task, s - s, 0.0)
+    poison = tl.where(has_task & (s != s), s, 0.0)
     return tl.where(is_open, slot, -1), is_open, poison
