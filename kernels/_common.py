@@ -234,6 +234,17 @@ def max_tiles(a: int, b: int, tiles, per_tap=None) -> int:
     return max(triton.cdiv(a, t[0]) * per_tap[0] * triton.cdiv(per_tap[1], t[1]) for t in tiles)
 
 
+def gate_operands(score: torch.Tensor, threshold: float):
+    """(score, τ) as the kernels' fp32 gate reads them. An fp64 score compares in double (torch's
+    rule), which an fp32 load would break (a score one ulp below τ rounds up to it): its gate is
+    taken on the device, without a sync, as a ±1 fp32 score against τ = 0 (NaN stays NaN, so
+    the poison still shows). Other dtypes pass through."""
+    if score.dtype != torch.float64:
+        return score, threshold
+    sign = torch.where(score >= threshold, 1.0, -1.0).to(torch.float32)
+    return torch.where(torch.isnan(score), score.float(), sign), 0.0
+
+
 def threshold_in(score, threshold: float) -> float:
     """τ rounded to the score's dtype (torch compares s >= τ in s's dtype)."""
     return _rounded(float(threshold), score.dtype)
@@ -264,7 +275,7 @@ def finish_wgrad(ws, score, delta, ddelta, dweight, part, split, N, K, C, KW, th
 # launcher sums all of it. On a GPU the autotuner runs every config on the real arguments on a
 # key's first call, so a config with fewer tiles would leave the other configs' partials in the
 # unused entries: every kernel that writes part_ptr is autotuned with reset_to_zero=["part_ptr"]
-# (tests/test_triton.py checks it), which zeroes it after benchmarking, before the real run.
+# (tests/kernels/test_triton.py checks it), which zeroes it after benchmarking, before the real run.
 def ds_partials(N: int, K: int, split: int, device, per_tap=None):
     if split > 1:
         n = triton.cdiv(N, EPI_N) * triton.cdiv(K, EPI_K)
@@ -292,6 +303,32 @@ def group_rows(task_idx: torch.Tensor, num_tasks: int):
     edges = torch.arange(-1, num_tasks + 1, device=key.device, dtype=torch.int64)
     bounds = torch.searchsorted(key[order], edges)  # first sorted position of each id, [T + 2]
     return order.to(torch.int32), bounds[:-1].to(torch.int32), (bounds[1:] - bounds[:-1]).to(torch.int32)
+
+
+def gate_tensors(slot: torch.Tensor, scores: torch.Tensor, thresholds: torch.Tensor):
+    """(slot as int32, scores, thresholds) as the kernels' task_gate reads them. With T = 0 (no
+    task on this layer) one dummy closed task (slot -1), so the gate loads of task 0 (the base
+    segment's) stay in bounds; no row ever names it. Shape-only decisions: no host sync."""
+    slot = slot.to(torch.int32)
+    if scores.dtype == torch.float64:  # compared in double on the device, as in gate_operands
+        sign = torch.where(scores >= thresholds, 1.0, -1.0).to(torch.float32)
+        scores, thresholds = torch.where(torch.isnan(scores), scores.float(), sign), torch.zeros_like(sign)
+    if slot.numel() == 0:
+        slot = torch.full((1,), -1, dtype=torch.int32, device=slot.device)
+        scores = torch.zeros(1, dtype=scores.dtype, device=scores.device)
+        thresholds = torch.ones(1, dtype=thresholds.dtype, device=thresholds.device)
+    return slot, scores, thresholds
+
+
+def task_of_slot(slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """[S + 1] int32: entry s = the task whose slot is s, -1 if none (S = num_slots). A scatter
+    on the device, no host sync; tasks without a slot scatter into the spare entry S, never read.
+    Slots are distinct across tasks, so the scatter is deterministic."""
+    owner = torch.full((num_slots + 1,), -1, dtype=torch.int32, device=slot.device)
+    if slot.numel():
+        owner.scatter_(0, torch.where(slot >= 0, slot, num_slots).long(),
+                       torch.arange(slot.numel(), dtype=torch.int32, device=slot.device))
+    return owner
 
 
 @triton.jit

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import conv_out_size
 from ._common import (
     CONV_TILES,
     GROUP,
@@ -43,6 +44,7 @@ from ._common import (
     pick_split,
     prune_by_dtype,
     split_range,
+    gate_operands,
     threshold_in,
     wgrad_epilogue,
 )
@@ -50,7 +52,7 @@ from ._common import (
 _KEY = ["B", "C", "H", "W", "OC", "OH", "OW", "KH", "KW"]
 
 
-# ----------------------------------------------------------------------------- shared tap loops
+# ----------------------------------------------------------------------------- shared reduction loops
 # The implicit-GEMM reductions, shared by these kernels and the multi-task ones (mt_conv.py);
 # @triton.jit calls are inlined, so the compiled kernels are what the loops written in place
 # gave (the static check's registers did not change).
@@ -116,6 +118,41 @@ def conv_dgrad_taps(acc, dy_ptr, w_ptr, d_ptr, bi, ih, iw, mrow, rn, n_open, tap
                         mask=om[:, None] & (rn[None, :] < n_open), other=0.0)
             acc = tl.dot(a, w + d, acc, input_precision=PREC)
     return acc
+
+
+@triton.jit
+def conv_wgrad_rows(acc, db, dy_ptr, x_ptr, order_ptr, start, r_lo, r_hi, rn, c, cm, ki, kj,
+                    OC, H, W, OH, OW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                    syb, syc, syh, syw, sxb, sxc, sxh, sxw,
+                    GATHER: tl.constexpr, HAS_DBIAS: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """(acc, db) after the weight-gradient reduction of tap (ki, kj) over the rows r in
+    [r_lo, r_hi), BLOCK_R at a time: acc[rn, c] += Σ_r dy[bi, rn, oh, ow]·x[bi, c, oh·sh - ph +
+    ki·dh, ow·sw - pw + kj·dw], and with HAS_DBIAS db[rn] += Σ_r dy[bi, rn, oh, ow]. Row r is
+    pixel (oh, ow) = r % (OH·OW) of sample bi = r // (OH·OW), or with GATHER of sample
+    order[start + r // (OH·OW)] (the samples of one task)."""
+    P = OH * OW
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rmask = r < r_hi
+        if GATHER:
+            bi = tl.load(order_ptr + start + r // P, mask=rmask, other=0)
+        else:
+            bi = r // P
+        pq = r % P
+        oh = pq // OW
+        ow = pq % OW
+        a = tl.load(dy_ptr + (bi * syb + oh * syh + ow * syw)[None, :] + rn[:, None] * syc,
+                    mask=(rn[:, None] < OC) & rmask[None, :], other=0.0)
+        ih = oh * str_h - pad_h + ki * dil_h
+        iw = ow * str_w - pad_w + kj * dil_w
+        rowok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        b = tl.load(x_ptr + (bi * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
+                    mask=rowok[:, None] & cm[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if HAS_DBIAS:
+            db += tl.sum(a.to(tl.float32), axis=1)
+    return acc, db
 
 
 @triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
@@ -215,23 +252,10 @@ def _taps_conv2d_wgrad_kernel(
     r_lo, r_hi = split_range(R, pid_s, SPLIT, BLOCK_R)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     db = tl.zeros((BLOCK_N,), tl.float32)
-    for r0 in range(r_lo, r_hi, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < r_hi
-        bi = r // (OH * OW)
-        pq = r % (OH * OW)
-        oh = pq // OW
-        ow = pq % OW
-        a = tl.load(dy_ptr + (bi * syb + oh * syh + ow * syw)[None, :] + rn[:, None] * syc,
-                    mask=(rn[:, None] < OC) & rmask[None, :], other=0.0)
-        ih = oh * str_h - pad_h + ki * dil_h
-        iw = ow * str_w - pad_w + kj * dil_w
-        rowok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_ptr + (bi * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                    mask=rowok[:, None] & cm[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        if HAS_DBIAS:
-            db += tl.sum(a.to(tl.float32), axis=1)
+    # rows r_lo..r_hi in batch order (GATHER off: no order buffer, dy_ptr stands in for it)
+    acc, db = conv_wgrad_rows(acc, db, dy_ptr, x_ptr, dy_ptr, 0, r_lo, r_hi, rn, c, cm, ki, kj,
+                              OC, H, W, OH, OW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                              syb, syc, syh, syw, sxb, sxc, sxh, sxw, False, HAS_DBIAS, PREC, BLOCK_R)
     if HAS_DBIAS:
         tl.store(db_ptr + pid_s * OC + rn, db, mask=(rn < OC) & (pid_k == 0))
     rk = ij * C + c  # the G column of each channel (k = (i·KW + j)·C + c)
@@ -246,25 +270,26 @@ def _taps_conv2d_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def out_size(n: int, k: int, s: int, p: int, d: int) -> int:
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _geometry(x, weight, stride, padding, dilation):
+# Shared with the multi-task launchers (mt_conv.py).
+def conv_dims(x, weight, stride, padding, dilation):
+    """(B, C, H, W, OC, OH, OW, KH, KW): the kernels' size arguments for x [B, C, H, W] and a
+    weight [OC, C, KH, KW]."""
     B, C, H, W = x.shape
     OC, _, KH, KW = weight.shape
-    OH = out_size(H, KH, stride[0], padding[0], dilation[0])
-    OW = out_size(W, KW, stride[1], padding[1], dilation[1])
+    OH = conv_out_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = conv_out_size(W, KW, stride[1], padding[1], dilation[1])
     return B, C, H, W, OC, OH, OW, KH, KW
 
 
-def _conv_args(stride, padding, dilation):
+def conv_params(stride, padding, dilation):
+    """(str_h, str_w, pad_h, pad_w, dil_h, dil_w): the kernels' conv arguments."""
     return (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
 
 
 def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Sequence[int],
                dilation: Sequence[int], threshold: float, memory_format=torch.contiguous_format):
-    geo = _geometry(x, weight, stride, padding, dilation)
+    score, threshold = gate_operands(score, threshold)
+    geo = conv_dims(x, weight, stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     y = alloc((B, OC, OH, OW), x.dtype, x.device, memory_format)
     if y.numel() == 0:  # an empty batch: nothing to launch
@@ -273,7 +298,7 @@ def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Se
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_fwd_kernel[grid](
         x, weight, delta, score, bias if bias is not None else x, y,
-        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *conv_params(stride, padding, dilation),
         *x.stride(), *weight.stride(), *delta.stride(), *y.stride(),
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -281,7 +306,8 @@ def conv2d_fwd(x, weight, delta, score, bias, stride: Sequence[int], padding: Se
 
 
 def conv2d_dgrad(dy, x, weight, delta, score, stride, padding, dilation, threshold):
-    geo = _geometry(x, weight, stride, padding, dilation)
+    score, threshold = gate_operands(score, threshold)
+    geo = conv_dims(x, weight, stride, padding, dilation)
     B, C, H, W = x.shape
     dx = alloc_like(x)  # x's memory format (preserve_format)
     if dx.numel() == 0:
@@ -290,7 +316,7 @@ def conv2d_dgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
     _taps_conv2d_dgrad_kernel[grid](
         dy, weight, delta, score, dx,
-        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *conv_params(stride, padding, dilation),
         *dy.stride(), *weight.stride(), *delta.stride(), *dx.stride(),
         PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -302,7 +328,8 @@ def conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
                  split: Optional[int] = None):
     """One implicit-GEMM pass over G: returns (dW, dΔW, ds, db), None where not asked for.
     dW and dΔW come out in the memory format of W and ΔW."""
-    geo = _geometry(x, weight, stride, padding, dilation)
+    score, threshold = gate_operands(score, threshold)
+    geo = conv_dims(x, weight, stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     K = KH * KW * C
     dev = x.device
@@ -317,7 +344,7 @@ def conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation, thresho
     grid = lambda meta: (triton.cdiv(OC, meta["BLOCK_N"]) * KH * KW * triton.cdiv(C, meta["BLOCK_K"]), split)  # noqa: E731
     _taps_conv2d_wgrad_kernel[grid](
         dy, x, score, delta, dd, dw, part, ws, dbp,
-        *geo, threshold_in(score, threshold), *_conv_args(stride, padding, dilation),
+        *geo, threshold_in(score, threshold), *conv_params(stride, padding, dilation),
         *dy.stride(), *x.stride(), *delta.stride(), *dd.stride(), *dw.stride(),
         NEEDS_DDELTA=needs_ddelta, NEEDS_DWEIGHT=needs_dweight, NEEDS_DSCORE=needs_dscore,
         HAS_DBIAS=needs_dbias, SPLIT=split, PREC=dot_precision(x.dtype), GROUP_M=GROUP,

@@ -41,6 +41,7 @@ from ._common import (
     pick_split,
     prune_by_dtype,
     split_range,
+    gate_operands,
     threshold_in,
     wgrad_epilogue,
 )
@@ -140,6 +141,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, score
                transpose_weight: bool = False) -> torch.Tensor:
     """y = x·W_effᵀ + b for x [M, K] and W, ΔW [N, K]; with transpose_weight, W and ΔW are
     used as their transposes (the dx = dy·W_eff of the backward; x is then [M, N])."""
+    score, threshold = gate_operands(score, threshold)
     M, K = x.shape
     sw = weight.stride()
     sd = delta.stride()
@@ -181,6 +183,7 @@ def linear_wgrad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, delta:
                             Optional[torch.Tensor]]:
     """One pass over G = dyᵀ·x for dy [M, N], x [M, K]: returns (dW, dΔW, ds, db), None where
     not asked for."""
+    score, threshold = gate_operands(score, threshold)
     M, N = dy.shape
     K = x.shape[1]
     dev = x.device

@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import out_format
 from ._common import (
     CONV_TILES,
     GROUP,
@@ -71,15 +72,17 @@ from ._common import (
     alloc_like,
     all_tiles,
     dot_precision,
+    gate_tensors,
     group_rows,
     grouped_tile,
     max_tiles,
     mm_configs,
     prune_by_dtype,
     task_gate,
+    task_of_slot,
     wgrad_epilogue,
 )
-from .conv import _conv_args, _geometry, conv_dgrad_taps, conv_fwd_taps
+from .conv import conv_dgrad_taps, conv_dims, conv_fwd_taps, conv_params, conv_wgrad_rows
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), per element size, from the static check
 # (python -m taps_fast.info --kernels; registers per thread on sm_80 / sm_90). The multi-task
@@ -261,21 +264,10 @@ def _taps_mt_conv2d_wgrad_kernel(
     c = (pid_k % num_c) * BLOCK_K + tl.arange(0, BLOCK_K)
     cm = c < C
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < rows
-        bi = tl.load(order_ptr + start + r // P, mask=rmask, other=0)
-        pq = r % P
-        oh = pq // OW
-        ow = pq % OW
-        a = tl.load(dy_ptr + (bi * syb + oh * syh + ow * syw)[None, :] + rn[:, None] * syc,
-                    mask=(rn[:, None] < OC) & rmask[None, :], other=0.0)
-        ih = oh * str_h - pad_h + ki * dil_h
-        iw = ow * str_w - pad_w + kj * dil_w
-        rowok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        b = tl.load(x_ptr + (bi * sxb + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
-                    mask=rowok[:, None] & cm[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+    # the task's rows, gathered through order (no db here: 0.0 stands in for its accumulator)
+    acc, _ = conv_wgrad_rows(acc, 0.0, dy_ptr, x_ptr, order_ptr, start, 0, rows, rn, c, cm, ki, kj,
+                             OC, H, W, OH, OW, str_h, str_w, pad_h, pad_w, dil_h, dil_w,
+                             syb, syc, syh, syw, sxb, sxc, sxh, sxw, True, False, PREC, BLOCK_R)
     slot64 = sl.to(tl.int64)
     # dW is never asked for here: its pointer/strides slots take ddeltas' (unused, constexpr off).
     wgrad_epilogue(acc, rn, ij * C + c, cm, OC, C, KW, g, poison,
@@ -285,42 +277,26 @@ def _taps_mt_conv2d_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _out_format(x: torch.Tensor):
-    """channels_last in gives channels_last out; anything else gives contiguous out."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _gates(slot, scores, thresholds):
-    """slot as int32; with T = 0, one dummy closed task (task_gate reads entry 0 for the base
-    segment). Shape-only decisions: no host sync."""
-    slot = slot.to(torch.int32)
-    if slot.numel() == 0:
-        slot = torch.full((1,), -1, dtype=torch.int32, device=slot.device)
-        scores = torch.zeros(1, dtype=scores.dtype, device=scores.device)
-        thresholds = torch.ones(1, dtype=thresholds.dtype, device=thresholds.device)
-    return slot, scores, thresholds
 
 
 def mt_conv2d_fwd(x, sample_task, weight, deltas, slot, scores, thresholds, bias,
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """y[b] = conv2d(x[b], W + g_τ(b)·ΔW_slot[τ(b)]) + bias for sample_task τ [B] (-1 = base);
     y [B, OC, OH, OW] in x's memory format (channels_last stays channels_last)."""
-    geo = _geometry(x, weight, stride, padding, dilation)
+    geo = conv_dims(x, weight, stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     T = slot.numel()
-    y = alloc((B, OC, OH, OW), x.dtype, x.device, _out_format(x))
+    y = alloc((B, OC, OH, OW), x.dtype, x.device, out_format(x))
     if y.numel() == 0:  # an empty batch: nothing to launch
         return y
     order, seg_start, seg_count = group_rows(sample_task, T)
-    slot, scores, thresholds = _gates(slot, scores, thresholds)
+    slot, scores, thresholds = gate_tensors(slot, scores, thresholds)
     M = B * OH * OW
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + T + 1) * triton.cdiv(OC, meta["BLOCK_N"]),)  # noqa: E731
     _taps_mt_conv2d_fwd_kernel[grid](
         x, weight, deltas, slot, scores, thresholds, order, seg_start, seg_count,
         bias if bias is not None else x, y,
-        *geo, T, *_conv_args(stride, padding, dilation),
+        *geo, T, *conv_params(stride, padding, dilation),
         *x.stride(), *weight.stride(), *deltas.stride(), *y.stride(),
         HAS_BIAS=bias is not None, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -330,19 +306,19 @@ def mt_conv2d_fwd(x, sample_task, weight, deltas, slot, scores, thresholds, bias
 def mt_conv2d_dgrad(dy, x, sample_task, weight, deltas, slot, scores, thresholds,
                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """dx[b] = conv_transpose2d(dy[b], W + g_τ(b)·ΔW_slot[τ(b)]), in x's shape and memory format."""
-    geo = _geometry(x, weight, stride, padding, dilation)
+    geo = conv_dims(x, weight, stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     T = slot.numel()
     dx = alloc_like(x)  # x's memory format (preserve_format)
     if dx.numel() == 0:
         return dx
     order, seg_start, seg_count = group_rows(sample_task, T)
-    slot, scores, thresholds = _gates(slot, scores, thresholds)
+    slot, scores, thresholds = gate_tensors(slot, scores, thresholds)
     M = B * H * W
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + T + 1) * triton.cdiv(C, meta["BLOCK_N"]),)  # noqa: E731
     _taps_mt_conv2d_dgrad_kernel[grid](
         dy, weight, deltas, slot, scores, thresholds, order, seg_start, seg_count, dx,
-        *geo, T, *_conv_args(stride, padding, dilation),
+        *geo, T, *conv_params(stride, padding, dilation),
         *dy.stride(), *weight.stride(), *deltas.stride(), *dx.stride(),
         PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )
@@ -358,7 +334,7 @@ def mt_conv2d_wgrad(dy, x, sample_task, deltas, slot, scores, thresholds,
     closed tasks, of tasks without samples and slots no task uses; dscores[t] = ⟨G_t, ΔW_slot[t]⟩
     (also when closed), 0 where slot[t] = -1. Slots must be distinct across tasks."""
     S = deltas.shape[0]
-    geo = _geometry(x, torch.empty(deltas.shape[1:], device="meta"), stride, padding, dilation)
+    geo = conv_dims(x, torch.empty(deltas.shape[1:], device="meta"), stride, padding, dilation)
     B, C, H, W, OC, OH, OW, KH, KW = geo
     T = slot.numel()
     dev = x.device
@@ -372,20 +348,15 @@ def mt_conv2d_wgrad(dy, x, sample_task, deltas, slot, scores, thresholds,
         return ddeltas, dscores
     order, seg_start, seg_count = group_rows(sample_task, T)
     slot32 = slot.to(torch.int32)
-    # task_of_slot[s] = the task whose slot is s, -1 if none: a scatter, no host sync. Tasks
-    # without a slot scatter into the spare entry S.
-    task_of_slot = torch.full((S + 1,), -1, dtype=torch.int32, device=dev)
-    if T:
-        task_of_slot.scatter_(0, torch.where(slot32 >= 0, slot32, S).long(),
-                              torch.arange(T, dtype=torch.int32, device=dev))
-    slot_k, scores_k, thr_k = _gates(slot32, scores, thresholds)
+    owner = task_of_slot(slot32, S)
+    slot_k, scores_k, thr_k = gate_tensors(slot32, scores, thresholds)
     NP = max_tiles(OC, KH * KW * C, all_tiles(MT_WGRAD_TILES), per_tap=(KH * KW, C))
     part = torch.zeros((S, NP), dtype=torch.float32, device=dev)  # tiles a config does not use add 0
     dd = ddeltas if ddeltas is not None else deltas
     grid = lambda meta: (triton.cdiv(OC, meta["BLOCK_N"]) * KH * KW * triton.cdiv(C, meta["BLOCK_K"]), S)  # noqa: E731
     _taps_mt_conv2d_wgrad_kernel[grid](
-        dy, x, deltas, dd, part, slot_k, scores_k, thr_k, task_of_slot, order, seg_start, seg_count,
-        *geo, T, NP, *_conv_args(stride, padding, dilation),
+        dy, x, deltas, dd, part, slot_k, scores_k, thr_k, owner, order, seg_start, seg_count,
+        *geo, T, NP, *conv_params(stride, padding, dilation),
         *dy.stride(), *x.stride(), *deltas.stride(), *dd.stride(),
         NEEDS_DDELTA=needs_ddeltas, NEEDS_DSCORE=needs_dscores, PREC=dot_precision(x.dtype), GROUP_M=GROUP,
     )

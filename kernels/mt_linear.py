@@ -61,12 +61,14 @@ from ._common import (
     all_tiles,
     alloc,
     dot_precision,
+    gate_tensors,
     group_rows,
     grouped_tile,
     max_tiles,
     mm_configs,
     prune_by_dtype,
     task_gate,
+    task_of_slot,
     wgrad_epilogue,
 )
 
@@ -204,16 +206,6 @@ def _taps_mt_linear_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _gate_args(slot, scores, thresholds):
-    """T = 0 (no task in the batch's table): one dummy task, so the kernels' gate loads of task 0
-    stay in bounds (no row ever names it)."""
-    if slot.numel() > 0:
-        return slot.to(torch.int32), scores, thresholds
-    dev = slot.device
-    return (torch.full((1,), -1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=scores.dtype, device=dev),
-            torch.zeros(1, dtype=scores.dtype, device=dev))
-
-
 def fwd_grid(M: int, N: int, T: int):
     """The forward's launch grid as a function of the config: shapes and T only, never the ids."""
     return lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + T) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -238,7 +230,7 @@ def mt_linear_fwd(x2: torch.Tensor, row_task: torch.Tensor, weight: torch.Tensor
     if y.numel() == 0:  # an empty batch: nothing to launch
         return y
     order, seg_start, seg_count = group_rows(row_task, T)
-    slot_i, s, thr = _gate_args(slot, scores, thresholds)
+    slot_i, s, thr = gate_tensors(slot, scores, thresholds)
     _taps_mt_linear_fwd_kernel[fwd_grid(M, N, T)](
         x2, weight, deltas, bias if bias is not None else x2, y,
         order, seg_start, seg_count, slot_i, s, thr,
@@ -268,13 +260,8 @@ def mt_linear_wgrad(dy2: torch.Tensor, x2: torch.Tensor, row_task: torch.Tensor,
         return (torch.zeros_like(deltas) if needs_ddeltas else None,
                 torch.zeros(T, dtype=scores.dtype, device=scores.device) if needs_dscores else None)
     order, seg_start, seg_count = group_rows(row_task, T)
-    slot_i, s, thr = _gate_args(slot, scores, thresholds)
-    # task_of_slot[s] = the task whose slot is s, -1 for none; tasks without a slot scatter into
-    # the spare entry S (never read). Slots are distinct, so the scatter is deterministic.
-    task_of_slot = torch.full((S + 1,), -1, dtype=torch.int32, device=dev)
-    if T > 0:
-        task_of_slot.scatter_(0, torch.where(slot_i >= 0, slot_i, S).long(),
-                              torch.arange(T, dtype=torch.int32, device=dev))
+    slot_i, s, thr = gate_tensors(slot, scores, thresholds)
+    owner = task_of_slot(slot_i[:T], S)
     ddeltas = alloc(deltas.shape, deltas.dtype, deltas.device) if needs_ddeltas else None
     dd = ddeltas if ddeltas is not None else deltas
     # ds partials: one row per slot plus a zero row for tasks without one; per row, one entry per
@@ -283,7 +270,7 @@ def mt_linear_wgrad(dy2: torch.Tensor, x2: torch.Tensor, row_task: torch.Tensor,
     part = torch.zeros((S + 1, n_part), dtype=torch.float32, device=dev)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), S)  # noqa: E731
     _taps_mt_linear_wgrad_kernel[grid](
-        dy2, x2, order, seg_start, seg_count, task_of_slot, slot_i, s, thr, deltas, dd, part,
+        dy2, x2, order, seg_start, seg_count, owner, slot_i, s, thr, deltas, dd, part,
         M, N, K, T,
         dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         deltas.stride(0), deltas.stride(1), deltas.stride(2), dd.stride(0), dd.stride(1), dd.stride(2),

@@ -3,7 +3,7 @@
 Each backend states, per op and per call, whether it can serve and if not why. The dispatcher tries
 the backends in priority order and takes the first that fits; ``TAPS_FAST_BACKEND=<name>`` (or
 :func:`use_backend`) forces one, and a forced backend that cannot serve fails with every backend's
-reason. The order (taps_fast/ops/__init__.py): "cuda", "triton", "cpp", "reference".
+reason. The order is that of taps_fast.ops.BACKENDS (:func:`backend_names` lists it).
 
 A backend's ``why_not`` also receives ``forced`` (whether it was forced), so a backend can serve
 a device only on request: the triton backend serves CPU tensors under TRITON_INTERPRET=1 (its

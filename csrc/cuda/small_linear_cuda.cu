@@ -36,10 +36,7 @@
 //   * No allocation but the output, no host sync: the launch is CUDA-graph capturable.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <climits>
 
 #include "../small_linear.h"
 #include "small_linear_host.cuh"
@@ -130,12 +127,13 @@ namespace {
 
 using namespace cuda_detail;
 
+template <typename T>
 struct SingleArgs {
-  const void* x;
-  const void* W;
-  const void* D;
-  const void* bias;
-  void* y;
+  const T* x;
+  const T* W;
+  const T* D;
+  const T* bias;
+  T* y;
   const void* score;
   int score_code;
   float thr;
@@ -143,55 +141,38 @@ struct SingleArgs {
 };
 
 template <typename T, int MB, bool VECTOR>
-void launch_single(const SingleArgs& a) {
+void launch_single(const SingleArgs<T>& a) {
   constexpr int R = 4;
   constexpr int VEC = VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1;
   constexpr int U = VECTOR ? (MB <= 4 ? 2 : 1) : 4;
   const cudaStream_t stream = current_stream();
-  const T* x = static_cast<const T*>(a.x);
-  const T* W = static_cast<const T*>(a.W);
-  const T* D = static_cast<const T*>(a.D);
-  const T* b = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
   launch_m_chunks("taps_fast::small_linear", a.M, a.N, a.K / VEC, MB, R, [&](dim3 grid, int ksplit, int64_t m_base) {
     if constexpr (VECTOR) {
       _taps_small_linear_fwd_kernel<T, MB, R, U, VEC><<<grid, kThreads, 0, stream>>>(
-          x, W, D, b, y, a.score, a.score_code, a.thr, a.M, a.N, a.K, ksplit, m_base);
+          a.x, a.W, a.D, a.bias, a.y, a.score, a.score_code, a.thr, a.M, a.N, a.K, ksplit, m_base);
     } else {
       _taps_small_linear_fwd_scalar_kernel<T, MB, R, U><<<grid, kThreads, 0, stream>>>(
-          x, W, D, b, y, a.score, a.score_code, a.thr, a.M, a.N, a.K, ksplit, m_base);
+          a.x, a.W, a.D, a.bias, a.y, a.score, a.score_code, a.thr, a.M, a.N, a.K, ksplit, m_base);
     }
   });
-}
-
-template <typename T>
-void dispatch_single(const SingleArgs& a, bool vector) {
-  dispatch_mb(a.M, vector, [&](auto mb, auto vec) { launch_single<T, decltype(mb)::value, decltype(vec)::value>(a); });
 }
 
 at::Tensor small_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& delta,
                              const at::Tensor& score, const std::optional<at::Tensor>& bias,
                              double threshold) {
   check_small_linear(x, weight, delta, score, bias);
-  const char* op = "taps_fast::small_linear";
-  check_cuda_dtype(op, x);
-  c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
-  at::Tensor y = new_output(x, M, N);
-  if (M == 0 || N == 0) return y;
-  TORCH_CHECK(K <= INT_MAX / 2, op, ": K=", K, " is too large");
-
-  SingleArgs a{x.data_ptr(), weight.data_ptr(), delta.data_ptr(),
-               bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), score.data_ptr(),
-               score_code(score.scalar_type()), threshold_in(threshold, score.scalar_type()),
-               M, N, K};
-  const bool vector = vector_ok(K, x.element_size(), {a.x, a.W, a.D});
-  switch (x.scalar_type()) {
-    case at::kFloat: dispatch_single<float>(a, vector); break;
-    case at::kHalf: dispatch_single<__half>(a, vector); break;
-    default: dispatch_single<__nv_bfloat16>(a, vector); break;
-  }
-  return y;
+  return launch_by_dtype("taps_fast::small_linear", x, weight.size(0), [&](auto tag, const at::Tensor& y) {
+    using T = typename decltype(tag)::type;
+    const SingleArgs<T> a{data_as<T>(x), data_as<T>(weight), data_as<T>(delta),
+                          bias.has_value() ? data_as<T>(*bias) : nullptr,
+                          static_cast<T*>(y.data_ptr()), score.data_ptr(),
+                          score_code(score.scalar_type()), threshold_in(threshold, score.scalar_type()),
+                          x.size(0), weight.size(0), x.size(1)};
+    const bool vector = vector_ok(a.K, x.element_size(), {a.x, a.W, a.D});
+    dispatch_mb(a.M, vector, [&](auto mb, auto vec) {
+      launch_single<T, decltype(mb)::value, decltype(vec)::value>(a);
+    });
+  });
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -16,6 +17,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "../small_linear.h"
 #include "small_linear_common.cuh"
 
 namespace taps_fast {
@@ -148,6 +150,38 @@ void launch_m_chunks(const char* op, int64_t M, int64_t N, int64_t KV, int MB, i
     launch(dim3(static_cast<unsigned>(grid_x), static_cast<unsigned>(gy)), ksplit, mb0 * MB);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// The element type T of a launch (float, __half or __nv_bfloat16), as launch_by_dtype passes it.
+template <typename T>
+struct ElementTag {
+  using type = T;
+};
+
+// A tensor's data as the kernels' element type: at::Half and at::BFloat16 have the layout of
+// __half and __nv_bfloat16.
+template <typename T>
+const T* data_as(const at::Tensor& t) {
+  return static_cast<const T*>(t.data_ptr());
+}
+
+// The host side both CUDA ops share, before their own launch: the dtype check, the device guard,
+// the [M, N] output (M = x.size(0)), nothing to launch for M = 0 or N = 0, K = x.size(1) within the
+// kernels' int range; then launch(ElementTag<T>{}, y) for x's element type T. Returns y.
+template <typename F>
+at::Tensor launch_by_dtype(const char* op, const at::Tensor& x, int64_t N, F&& launch) {
+  check_cuda_dtype(op, x);
+  c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = new_output(x, M, N);
+  if (M == 0 || N == 0) return y;
+  TORCH_CHECK(K <= INT_MAX / 2, op, ": K=", K, " is too large");
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(ElementTag<float>{}, y); break;
+    case at::kHalf: launch(ElementTag<__half>{}, y); break;
+    default: launch(ElementTag<__nv_bfloat16>{}, y); break;
+  }
+  return y;
 }
 
 }  // namespace cuda_detail

@@ -14,7 +14,6 @@
 // warp-uniform branch on a compile-time row index (the accumulators stay in registers).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <climits>
 #include <cmath>
@@ -200,48 +199,39 @@ namespace {
 
 using namespace cuda_detail;
 
+template <typename T>
 struct MtArgs {
-  const void* x;
+  const T* x;
   const void* task_ids;
   bool ids_long;
-  const void* W;
-  const void* deltas;
+  const T* W;
+  const T* deltas;
   const void* slot;
   bool slot_long;
   const void* scores;
   const void* thresholds;
   int score_code;
-  const void* bias;
-  void* y;
-  int64_t M, N, K, T, S;
+  const T* bias;
+  T* y;
+  int64_t M, N, K, num_tasks, num_slots;
 };
 
 template <typename T, int MB, bool VECTOR>
-void launch_mt(const MtArgs& a) {
+void launch_mt(const MtArgs<T>& a) {
   constexpr int R = MB >= 16 ? 2 : 4;  // MB·R accumulators: ≤ 32 registers
   constexpr int VEC = VECTOR ? 16 / static_cast<int>(sizeof(T)) : 1;
   const cudaStream_t stream = current_stream();
-  const T* x = static_cast<const T*>(a.x);
-  const T* W = static_cast<const T*>(a.W);
-  const T* D = static_cast<const T*>(a.deltas);
-  const T* b = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
   launch_m_chunks("taps_fast::small_mt_linear", a.M, a.N, a.K / VEC, MB, R, [&](dim3 grid, int ksplit, int64_t m_base) {
     if constexpr (VECTOR) {
       _taps_small_mt_linear_fwd_kernel<T, MB, R, VEC><<<grid, kThreads, 0, stream>>>(
-          x, a.task_ids, a.ids_long, W, D, a.slot, a.slot_long, a.scores, a.thresholds,
-          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, m_base);
+          a.x, a.task_ids, a.ids_long, a.W, a.deltas, a.slot, a.slot_long, a.scores, a.thresholds,
+          a.score_code, a.bias, a.y, a.M, a.N, a.K, a.num_tasks, a.num_slots, ksplit, m_base);
     } else {
       _taps_small_mt_linear_fwd_scalar_kernel<T, MB, R><<<grid, kThreads, 0, stream>>>(
-          x, a.task_ids, a.ids_long, W, D, a.slot, a.slot_long, a.scores, a.thresholds,
-          a.score_code, b, y, a.M, a.N, a.K, a.T, a.S, ksplit, m_base);
+          a.x, a.task_ids, a.ids_long, a.W, a.deltas, a.slot, a.slot_long, a.scores, a.thresholds,
+          a.score_code, a.bias, a.y, a.M, a.N, a.K, a.num_tasks, a.num_slots, ksplit, m_base);
     }
   });
-}
-
-template <typename T>
-void dispatch_mt(const MtArgs& a, bool vector) {
-  dispatch_mb(a.M, vector, [&](auto mb, auto vec) { launch_mt<T, decltype(mb)::value, decltype(vec)::value>(a); });
 }
 
 }  // namespace
@@ -252,27 +242,21 @@ at::Tensor small_mt_linear_cuda(const at::Tensor& x, const at::Tensor& task_ids,
                                 const at::Tensor& thresholds, const std::optional<at::Tensor>& bias) {
   check_small_mt_linear(x, task_ids, weight, deltas, slot, scores, thresholds, bias);
   const char* op = "taps_fast::small_mt_linear";
-  check_cuda_dtype(op, x);
-  c10::cuda::CUDAGuard device_guard(x.device());
-  const int64_t M = x.size(0), N = weight.size(0), K = x.size(1);
-  at::Tensor y = new_output(x, M, N);
-  if (M == 0 || N == 0) return y;
-  TORCH_CHECK(K <= INT_MAX / 2, op, ": K=", K, " is too large");
-  const int64_t S = deltas.size(0);
-  TORCH_CHECK(S <= INT_MAX, op, ": too many delta slots (", S, ")");
-
-  MtArgs a{x.data_ptr(), task_ids.data_ptr(), task_ids.scalar_type() == at::kLong,
-           weight.data_ptr(), S > 0 ? deltas.data_ptr() : nullptr, slot.data_ptr(),
-           slot.scalar_type() == at::kLong, scores.data_ptr(), thresholds.data_ptr(),
-           score_code(scores.scalar_type()), bias.has_value() ? bias->data_ptr() : nullptr,
-           y.data_ptr(), M, N, K, scores.size(0), S};
-  const bool vector = vector_ok(K, x.element_size(), {a.x, a.W, a.deltas});
-  switch (x.scalar_type()) {
-    case at::kFloat: dispatch_mt<float>(a, vector); break;
-    case at::kHalf: dispatch_mt<__half>(a, vector); break;
-    default: dispatch_mt<__nv_bfloat16>(a, vector); break;
-  }
-  return y;
+  return launch_by_dtype(op, x, weight.size(0), [&](auto tag, const at::Tensor& y) {
+    using T = typename decltype(tag)::type;
+    const int64_t S = deltas.size(0);
+    TORCH_CHECK(S <= INT_MAX, op, ": too many delta slots (", S, ")");
+    const MtArgs<T> a{data_as<T>(x), task_ids.data_ptr(), task_ids.scalar_type() == at::kLong,
+                      data_as<T>(weight), S > 0 ? data_as<T>(deltas) : nullptr, slot.data_ptr(),
+                      slot.scalar_type() == at::kLong, scores.data_ptr(), thresholds.data_ptr(),
+                      score_code(scores.scalar_type()), bias.has_value() ? data_as<T>(*bias) : nullptr,
+                      static_cast<T*>(y.data_ptr()), x.size(0), weight.size(0), x.size(1),
+                      scores.size(0), S};
+    const bool vector = vector_ok(a.K, x.element_size(), {a.x, a.W, a.deltas});
+    dispatch_mb(a.M, vector, [&](auto mb, auto vec) {
+      launch_mt<T, decltype(mb)::value, decltype(vec)::value>(a);
+    });
+  });
 }
 
 }  // namespace taps_fast

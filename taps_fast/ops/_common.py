@@ -1,14 +1,19 @@
-"""Helpers shared by the op files: input checks, the gate, autocast, layouts.
+"""Helpers shared by the op files and the backends: input checks, the gate, autocast, layouts,
+conv geometry, and the backward ops' outputs.
 
 Every check here runs on tensor metadata only (shapes, dtypes, devices), so it is free at run
-time and torch.compile traces it without a graph break.
+time and torch.compile traces it without a graph break. Nothing here imports triton or the
+compiled extension: the Triton launchers (taps_fast.kernels) import the layout helpers from here.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+# The largest element count the Triton and CUDA kernels address: they index with int32.
+INT32_MAX = 2**31 - 1
 
 # The reference backward reduces ds = <G, ΔW> for a closed gate block by block, so that no more
 # than this many elements of G exist at once (4 MiB in fp32); an open gate needs all of G anyway,
@@ -94,6 +99,12 @@ def check_common(
             )
 
 
+def check_bias(op: str, bias: Optional[Tensor], weight: Tensor) -> None:
+    """bias, when given, is [out] for a weight [out, ...]."""
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
 def eager_no_grad(x: Tensor, *tensors: Optional[Tensor]) -> bool:
     """Whether a call may run its forward kernel directly instead of through its custom op:
     eager (not traced by torch.compile / export), a plain tensor input (not a fake or functorch
@@ -127,6 +138,28 @@ def match_layout(t: Tensor, ref: Tensor) -> Tensor:
     return torch.empty_like(ref).copy_(t)
 
 
+def out_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a conv's output for input x: channels_last in gives channels_last
+    out; anything else gives contiguous out."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def restride(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """t in memory format fmt: t itself when its strides already are, else a copy."""
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    if t.stride() == want:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
+def conv_out_size(n: int, k: int, s: int, p: int, d: int) -> int:
+    """Output length of a conv along one dimension: input n, kernel k, stride s, padding p (each
+    side), dilation d."""
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
 def as_int_list(v, n: int, name: str) -> list:
     if isinstance(v, int):
         return [v] * n
@@ -139,6 +172,29 @@ def as_int_list(v, n: int, name: str) -> list:
 def empty0(t: Tensor) -> Tensor:
     """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
     return t.new_empty((0,))
+
+
+def backward_outputs(dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor,
+                     dx: Optional[Tensor], dweight: Optional[Tensor], ddelta: Optional[Tensor],
+                     dscore: Optional[Tensor], dbias: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """The five outputs of a single-task backward op, (dx, dW, dΔW, ds, db): each gradient, or
+    an empty placeholder where it was not asked for (None); ds in the score's dtype."""
+    return (
+        dx if dx is not None else empty0(x),
+        dweight if dweight is not None else empty0(weight),
+        ddelta if ddelta is not None else empty0(delta),
+        dscore.to(score.dtype) if dscore is not None else empty0(score),
+        dbias if dbias is not None else empty0(dy),
+    )
+
+
+def mt_backward_outputs(x: Tensor, deltas: Tensor, scores: Tensor, dx: Optional[Tensor],
+                        ddeltas: Optional[Tensor], dscores: Optional[Tensor]) -> Tuple[Tensor, ...]:
+    """The three outputs of a multi-task backward op, (dx, ddeltas, dscores), as
+    backward_outputs gives them."""
+    return (dx if dx is not None else empty0(x),
+            ddeltas if ddeltas is not None else empty0(deltas),
+            dscores.to(scores.dtype) if dscores is not None else empty0(scores))
 
 
 def not_a_view(y: Tensor) -> Tensor:

@@ -10,14 +10,16 @@ gradient, i.e. the correlation of x with dy):
               db  = Σ_{b,h,w} dy
               dW  = G                 (only if the caller unfroze W)
 
-Layout as in linear.py: ``taps_conv2d_ref`` (autograd formula, authors' style, oracle and
-baseline), the reference backend's kernels, the ``taps_fast::conv2d`` / ``conv2d_backward`` custom
-ops, and the functional ``taps_conv2d``. The ops take symmetric integer padding; 'same' with an
-even kernel, and non-zero padding modes, are padded in ``taps_conv2d`` / ``TAPSConv2d`` first,
-exactly as nn.Conv2d does.
+The file reads top down, as linear.py: ``taps_conv2d_ref`` (the oracle: the autograd formula,
+authors' style, also the benchmark baseline), ``conv2d_fwd_torch`` / ``conv2d_bwd_torch`` (the
+kernels of the "reference" backend, written with torch ops), the launcher, the
+``taps_fast::conv2d`` / ``conv2d_backward`` custom ops, and the functional ``taps_conv2d``. The
+ops take symmetric integer padding; 'same' with an even kernel, and non-zero padding modes, are
+padded in ``taps_conv2d`` / ``TAPSConv2d`` first, exactly as nn.Conv2d does.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -30,56 +32,62 @@ from ._common import (
     acc_dtype,
     as_int_list,
     autocast_inputs,
+    backward_outputs,
+    check_bias,
     check_common,
+    conv_out_size,
     eager_no_grad,
     empty0,
     gate_is_open,
     inner,
     match_layout,
+    out_format,
+    restride,
 )
 
 _OP = "taps_conv2d"
 _aten = torch.ops.aten
 
 
-def _out_format(x: Tensor) -> torch.memory_format:
-    """channels_last in gives channels_last out; anything else gives contiguous out."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+def conv2d_out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    """[B, O, OH, OW], the output shape of conv2d(x [B, C, H, W], weight [O, C/g, kh, kw]) with
+    stride, padding and dilation as int pairs."""
+    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.shape[0], weight.shape[0], ho, wo
 
 
-def _restride(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
-    if t.stride() == want:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+def conv2d_out_numel(x: Tensor, weight: Tensor, stride, padding, dilation) -> int:
+    return math.prod(conv2d_out_shape(x, weight, stride, padding, dilation))
 
 
-def conv_out_size(n: int, k: int, s: int, p: int, d: int) -> int:
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+def new_conv2d_output(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """An uninitialised conv2d output of x's dtype and device, in out_format(x) (the fake
+    kernels' result)."""
+    return torch.empty(conv2d_out_shape(x, weight, stride, padding, dilation), dtype=x.dtype,
+                       device=x.device, memory_format=out_format(x))
 
 
-# ----------------------------------------------------------------------------- reference formula
+# ----------------------------------------------------------------------------- oracle
 def taps_conv2d_ref(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor] = None,
     stride=1, padding=0, dilation=1, groups: int = 1, threshold: float = 0.1,
 ) -> Tensor:
-    """Autograd-differentiable reference (authors' style): materialises W_eff every call; the
+    """The oracle, autograd-differentiable (authors' style): materialises W_eff every call; the
     gate's straight-through estimator is g + s - s.detach() (see linear.py)."""
     g = (score.detach() >= threshold).to(score.dtype)
     gate = g + score - score.detach()
     return F.conv2d(x, weight + gate.to(weight.dtype) * delta, bias, stride, padding, dilation, groups)
 
 
-# ----------------------------------------------------------------------------- reference backend
-def conv2d_fwd_reference(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
+# ----------------------------------------------------------------------------- reference backend kernels
+def conv2d_fwd_torch(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
     if gate_is_open(score, threshold, _OP):
         weight = weight + delta
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
+def conv2d_closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
     """ds = ⟨G, ΔW⟩ by blocks of output channels (or of whole groups), so that G is never whole
     in memory: each block's G comes from aten.convolution_backward on a slice of dy (and of x
     for grouped convs)."""
@@ -106,7 +114,7 @@ def _closed_ds(dy, x, delta, stride, padding, dilation, groups) -> Tensor:
     return ds
 
 
-def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
+def conv2d_bwd_torch(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
                          needs_dx, needs_dweight, needs_ddelta, needs_dscore, needs_dbias):
     is_open = gate_is_open(score, threshold, _OP)
     w_eff = weight + delta if (is_open and needs_dx) else weight
@@ -126,38 +134,32 @@ def conv2d_bwd_reference(dy, x, weight, delta, score, stride, padding, dilation,
                 dweight = g.clone() if ddelta is g else g
     if not need_g:
         if needs_dscore:
-            dscore = _closed_ds(dy, x, delta, stride, padding, dilation, groups)
+            dscore = conv2d_closed_ds(dy, x, delta, stride, padding, dilation, groups)
         if needs_ddelta:  # closed: dΔW = 0, not computed
             ddelta = torch.zeros_like(delta)
-    return (
-        match_layout(dx, x) if dx is not None else empty0(x),
-        match_layout(dweight, weight) if dweight is not None else empty0(weight),
-        match_layout(ddelta, delta) if ddelta is not None else empty0(delta),
-        dscore.to(score.dtype) if dscore is not None else empty0(score),
-        dy.sum((0, 2, 3)) if needs_dbias else empty0(dy),
-    )
+    dx, dweight, ddelta = (None if t is None else match_layout(t, like)
+                           for t, like in ((dx, x), (dweight, weight), (ddelta, delta)))
+    return backward_outputs(dy, x, weight, delta, score, dx, dweight, ddelta, dscore,
+                            dy.sum((0, 2, 3)) if needs_dbias else None)
 
 
+# ----------------------------------------------------------------------------- launcher
 def _meta(x: Tensor, weight: Tensor, groups: int, y_numel: int) -> dict:
     """What the dispatcher needs to know of a call (metadata only: no sync, compile-safe)."""
     return dict(device=x.device, dtype=x.dtype, groups=groups,
                 numel=max(x.numel(), weight.numel(), y_numel))
 
 
-def _y_numel(x, weight, stride, padding, dilation) -> int:
-    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
-    return x.shape[0] * weight.shape[0] * ho * wo
-
-
-# ----------------------------------------------------------------------------- custom ops
 def _conv2d_fwd(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
                 stride: List[int], padding: List[int], dilation: List[int], groups: int,
                 threshold: float) -> Tensor:
-    be = dispatch.select("conv2d_fwd", **_meta(x, weight, groups, _y_numel(x, weight, stride, padding, dilation)))
+    y_numel = conv2d_out_numel(x, weight, stride, padding, dilation)
+    be = dispatch.select("conv2d_fwd", **_meta(x, weight, groups, y_numel))
     y = be.kernels["conv2d_fwd"](x, weight, delta, score, bias, stride, padding, dilation, groups, threshold)
-    return _restride(y, _out_format(x))
+    return restride(y, out_format(x))
 
+
+# ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("taps_fast::conv2d", mutates_args=())
 def _conv2d_op(
@@ -169,11 +171,7 @@ def _conv2d_op(
 
 @_conv2d_op.register_fake
 def _conv2d_fake(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
-    b, _, h, w = x.shape
-    ho = conv_out_size(h, weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = conv_out_size(w, weight.shape[3], stride[1], padding[1], dilation[1])
-    return torch.empty((b, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                       memory_format=_out_format(x))
+    return new_conv2d_output(x, weight, stride, padding, dilation)
 
 
 @torch.library.custom_op("taps_fast::conv2d_backward", mutates_args=())
@@ -270,8 +268,7 @@ def check_conv2d(x, weight, delta, score, bias, groups, threshold) -> None:
             f"{_OP}: input of shape {tuple(x.shape)} has {x.shape[1]} channels, but the layer expects "
             f"in_channels={weight.shape[1] * groups} (weight {tuple(weight.shape)}, groups={groups})"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    check_bias(_OP, bias, weight)
 
 
 def taps_conv2d(

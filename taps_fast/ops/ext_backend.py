@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from .. import _ext
-from ._common import gate_is_open
+from ._common import INT32_MAX, gate_is_open
+from ._mt_common import open_tasks, row_task_ids
 
 # Rows (M, after flattening the leading dimensions) up to which each backend's GEMV kernels are
 # picked. CUDA: 16, the case the kernels are written for (a GEMV streams the weights once with
@@ -32,9 +33,8 @@ from ._common import gate_is_open
 # one limit per backend keeps the choice independent of the gate (read on the device).
 CUDA_MAX_ROWS = 16
 CPP_MAX_ROWS = 32
-SMALL_M = CUDA_MAX_ROWS  # the few-row case the benchmarks and info report on
-
-_INT32_MAX = 2**31 - 1
+# M of the few-row serving call that `python -m taps_fast.info` and `bench --suite small` report on
+SERVING_ROWS = CUDA_MAX_ROWS
 
 
 def _available(need_cuda: bool) -> Optional[str]:
@@ -70,7 +70,7 @@ def why_not_cuda(op: str, device: torch.device, dtype: torch.dtype, rows: Option
         return f"CUDA tensors only (got {device.type}; the C++ CPU kernels are the 'cpp' backend)"
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {dtype} is not supported (fp32, fp16, bf16)"
-    if numel > _INT32_MAX:
+    if numel > INT32_MAX:
         return f"a tensor has {numel} elements, over the kernels' int32 row indexing limit"
     return _rows_reason(rows, CUDA_MAX_ROWS)
 
@@ -106,12 +106,9 @@ def mt_linear_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
     """taps_fast::small_mt_linear on x flattened to [M, K] (the rows of a sample share its task).
     On the CPU a NaN score of a task present raises, as on the reference path."""
     if x.device.type == "cpu" and bool(torch.isnan(scores.detach()).any()):
-        from .multitask import _LIN, _open_tasks
-
-        _open_tasks(task_ids, slot, scores, thresholds, _LIN)
+        open_tasks(task_ids, slot, scores, thresholds, "taps_mt_linear")
     n, k = weight.shape
-    per = x.numel() // k // x.shape[0] if x.shape[0] else 1
-    rows = task_ids if per == 1 else task_ids.repeat_interleave(per)
+    rows = row_task_ids(task_ids, x, k)
     y = torch.ops.taps_fast.small_mt_linear(x.reshape(-1, k).contiguous(), rows.contiguous(),
                                             weight.contiguous(), deltas.contiguous(), slot.contiguous(),
                                             scores.contiguous(), thresholds.contiguous(), _c(bias))

@@ -10,12 +10,13 @@ gradient of the layer, dW_eff):
               db  = Σ_m dy[m]
               dW  = G                  (only if the caller unfroze W; TAPS keeps it frozen)
 
-This file holds, as Liger-Kernel lays an op out:
-- ``taps_linear_ref``: the pure-PyTorch, autograd-differentiable formula (the authors' style:
-  materialise W_eff, ordinary op). It is the test oracle and the benchmark baseline.
-- ``linear_fwd_reference`` / ``linear_bwd_reference``: the "reference" backend's kernels.
-  Unlike ``taps_linear_ref`` they branch on the gate: a closed layer reads W only and reduces ds
-  block by block without forming G or dW_eff.
+The file reads top down:
+- ``taps_linear_ref``: the oracle, a pure-PyTorch, autograd-differentiable formula (the authors'
+  style: materialise W_eff, ordinary op). It is the test oracle and the benchmark baseline.
+- ``linear_fwd_torch`` / ``linear_bwd_torch``: the kernels of the "reference" backend, written
+  with torch ops. Unlike ``taps_linear_ref`` they branch on the gate: a closed layer reads W only
+  and reduces ds block by block without forming G or dW_eff.
+- the launcher: the dispatcher picks a backend per call and runs its kernel;
 - the ``taps_fast::linear`` / ``taps_fast::linear_backward`` custom ops with fake kernels and
   autograd, so torch.compile(fullgraph=True) traces through them;
 - ``taps_linear``, the functional API that ``TAPSLinear`` calls.
@@ -33,6 +34,8 @@ from ._common import (
     DS_BLOCK_ELEMS,
     acc_dtype,
     autocast_inputs,
+    backward_outputs,
+    check_bias,
     check_common,
     eager_no_grad,
     empty0,
@@ -44,12 +47,12 @@ from ._common import (
 _OP = "taps_linear"
 
 
-# ----------------------------------------------------------------------------- reference formula
+# ----------------------------------------------------------------------------- oracle
 def taps_linear_ref(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor] = None,
     threshold: float = 0.1,
 ) -> Tensor:
-    """Autograd-differentiable reference (authors' style): materialises W_eff every call.
+    """The oracle, autograd-differentiable (authors' style): materialises W_eff every call.
 
     The straight-through estimator is written as g + s - s.detach(): its value is the gate
     g = 1[s ≥ τ] and its derivative in s is 1, so autograd gives ds = ⟨G, ΔW⟩ and dΔW = g·G.
@@ -59,8 +62,8 @@ def taps_linear_ref(
     return F.linear(x, weight + gate.to(weight.dtype) * delta, bias)
 
 
-# ----------------------------------------------------------------------------- reference backend
-def linear_fwd_reference(
+# ----------------------------------------------------------------------------- reference backend kernels
+def linear_fwd_torch(
     x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor], threshold: float
 ) -> Tensor:
     if gate_is_open(score, threshold, _OP):
@@ -68,7 +71,7 @@ def linear_fwd_reference(
     return F.linear(x, weight, bias)
 
 
-def _closed_ds(dy2: Tensor, x2: Tensor, delta: Tensor) -> Tensor:
+def linear_closed_ds(dy2: Tensor, x2: Tensor, delta: Tensor) -> Tensor:
     """ds = ⟨dyᵀx, ΔW⟩ by blocks of rows of G, so G is never whole in memory."""
     n, k = delta.shape
     rows = max(1, DS_BLOCK_ELEMS // max(1, k))
@@ -80,7 +83,7 @@ def _closed_ds(dy2: Tensor, x2: Tensor, delta: Tensor) -> Tensor:
     return ds
 
 
-def linear_bwd_reference(
+def linear_bwd_torch(
     dy: Tensor, x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, threshold: float,
     needs_dx: bool, needs_dweight: bool, needs_ddelta: bool, needs_dscore: bool, needs_dbias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -103,18 +106,15 @@ def linear_bwd_reference(
             dweight = g.clone() if ddelta is g else g
     else:
         if needs_dscore:
-            dscore = _closed_ds(dy2, x2, delta)
+            dscore = linear_closed_ds(dy2, x2, delta)
         if needs_ddelta:  # closed: dΔW = 0, not computed
             ddelta = torch.zeros_like(delta)
-    return (
-        dx.contiguous() if dx is not None else empty0(x),
-        dweight.contiguous() if dweight is not None else empty0(weight),
-        ddelta.contiguous() if ddelta is not None else empty0(delta),
-        dscore.to(score.dtype) if dscore is not None else empty0(score),
-        dy2.sum(0) if needs_dbias else empty0(dy),
-    )
+    dx, dweight, ddelta = (None if t is None else t.contiguous() for t in (dx, dweight, ddelta))
+    return backward_outputs(dy, x, weight, delta, score, dx, dweight, ddelta, dscore,
+                            dy2.sum(0) if needs_dbias else None)
 
 
+# ----------------------------------------------------------------------------- launcher
 def _meta(x: Tensor, weight: Tensor) -> dict:
     """What the dispatcher needs to know of a call (metadata only: no sync, compile-safe)."""
     rows = x.numel() // max(1, weight.shape[1])
@@ -122,12 +122,13 @@ def _meta(x: Tensor, weight: Tensor) -> dict:
                 numel=max(x.numel(), weight.numel(), rows * weight.shape[0]))
 
 
-# ----------------------------------------------------------------------------- custom ops
 def _linear_fwd(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: Optional[Tensor],
                 threshold: float) -> Tensor:
     be = dispatch.select("linear_fwd", **_meta(x, weight))
     return not_a_view(be.kernels["linear_fwd"](x, weight, delta, score, bias, threshold).contiguous())
 
+
+# ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("taps_fast::linear", mutates_args=())
 def _linear_op(
@@ -198,8 +199,7 @@ def check_linear(x: Tensor, weight: Tensor, delta: Tensor, score: Tensor, bias: 
             f"{_OP}: input of shape {tuple(x.shape)} does not fit the layer: its last dimension "
             f"must be in_features={weight.shape[1]}"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{_OP}: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    check_bias(_OP, bias, weight)
 
 
 def taps_linear(

@@ -25,9 +25,8 @@ from typing import Optional
 
 import torch
 
-from ._common import empty0
-
-_INT32_MAX = 2**31 - 1
+from ._common import INT32_MAX, backward_outputs, mt_backward_outputs, out_format
+from ._mt_common import row_task_ids
 
 
 def _interpret() -> bool:
@@ -78,24 +77,12 @@ def why_not(op: str, device: torch.device, dtype: torch.dtype, groups: int = 1, 
     if "conv" in op and groups != 1:
         return (f"grouped/depthwise conv (groups={groups}): the implicit-GEMM kernels cover "
                 "groups=1; the reference path (cuDNN) serves grouped convs")
-    if numel > _INT32_MAX:
+    if numel > INT32_MAX:
         return f"a tensor has {numel} elements, over the kernels' int32 indexing limit (2^31 - 1)"
     return None
 
 
 # ----------------------------------------------------------------------------- kernels
-def _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db):
-    """The backward op's five outputs: each gradient, or an empty placeholder where not asked
-    for (custom ops cannot return None); ds in the score's dtype."""
-    return (
-        dx if dx is not None else empty0(x),
-        dw if dw is not None else empty0(weight),
-        dd if dd is not None else empty0(delta),
-        ds.to(score.dtype) if ds is not None else empty0(score),
-        db if db is not None else empty0(dy),
-    )
-
-
 def linear_fwd(x, weight, delta, score, bias, threshold):
     from ..kernels.linear import linear_fwd as launch
 
@@ -117,15 +104,14 @@ def linear_bwd(dy, x, weight, delta, score, threshold, needs_dx, needs_dweight, 
     if needs_dweight or needs_ddelta or needs_dscore or needs_dbias:
         dw, dd, ds, db = linear_wgrad(dy2, x2, weight, delta, score, threshold, needs_dweight,
                                       needs_ddelta, needs_dscore, needs_dbias)
-    return _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db)
+    return backward_outputs(dy, x, weight, delta, score, dx, dw, dd, ds, db)
 
 
 def conv2d_fwd(x, weight, delta, score, bias, stride, padding, dilation, groups, threshold):
     from ..kernels.conv import conv2d_fwd as launch
-    from .conv import _out_format
 
     return launch(x, weight, delta, score, bias, stride, padding, dilation, threshold,
-                  memory_format=_out_format(x))
+                  memory_format=out_format(x))
 
 
 def conv2d_bwd(dy, x, weight, delta, score, stride, padding, dilation, groups, threshold,
@@ -138,21 +124,15 @@ def conv2d_bwd(dy, x, weight, delta, score, stride, padding, dilation, groups, t
     if needs_dweight or needs_ddelta or needs_dscore or needs_dbias:
         dw, dd, ds, db = conv2d_wgrad(dy, x, weight, delta, score, stride, padding, dilation,
                                       threshold, needs_dweight, needs_ddelta, needs_dscore, needs_dbias)
-    return _grads(dy, x, weight, delta, score, dx, dw, dd, ds, db)
+    return backward_outputs(dy, x, weight, delta, score, dx, dw, dd, ds, db)
 
 
 # ----------------------------------------------------------------------------- multi-task ops
-def _row_task(task_ids, x, k: int):
-    """Per-row task ids for a linear input [B, ..., K] (rows of a sample share its task)."""
-    per = x.numel() // k // x.shape[0] if x.shape[0] else 1
-    return task_ids if per == 1 else task_ids.repeat_interleave(per)
-
-
 def mt_linear_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias):
     from ..kernels.mt_linear import mt_linear_fwd as launch
 
     n, k = weight.shape
-    y = launch(x.reshape(-1, k), _row_task(task_ids, x, k), weight, deltas, slot.to(torch.int32),
+    y = launch(x.reshape(-1, k), row_task_ids(task_ids, x, k), weight, deltas, slot.to(torch.int32),
                scores, thresholds, bias)
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
@@ -163,7 +143,7 @@ def mt_linear_bwd(dy, x, task_ids, weight, deltas, slot, scores, thresholds, nee
     from ..kernels.mt_linear import mt_linear_wgrad
 
     n, k = weight.shape
-    rows = _row_task(task_ids, x, k)
+    rows = row_task_ids(task_ids, x, k)
     slot32 = slot.to(torch.int32)
     dy2, x2 = dy.reshape(-1, n), x.reshape(-1, k)
     dx = dd = ds = None
@@ -172,12 +152,7 @@ def mt_linear_bwd(dy, x, task_ids, weight, deltas, slot, scores, thresholds, nee
                        transpose_weight=True).reshape(x.shape)
     if needs_ddeltas or needs_dscores:
         dd, ds = mt_linear_wgrad(dy2, x2, rows, deltas, slot32, scores, thresholds, needs_ddeltas, needs_dscores)
-    return _mt_grads(x, deltas, scores, dx, dd, ds)
-
-
-def _mt_grads(x, deltas, scores, dx, dd, ds):
-    return (dx if dx is not None else empty0(x), dd if dd is not None else empty0(deltas),
-            ds.to(scores.dtype) if ds is not None else empty0(scores))
+    return mt_backward_outputs(x, deltas, scores, dx, dd, ds)
 
 
 def mt_conv2d_fwd(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding, dilation, groups):
@@ -198,7 +173,7 @@ def mt_conv2d_bwd(dy, x, task_ids, weight, deltas, slot, scores, thresholds, str
     if needs_ddeltas or needs_dscores:
         dd, ds = mt_conv2d_wgrad(dy, x, task_ids, deltas, slot32, scores, thresholds, stride, padding,
                                  dilation, needs_ddeltas, needs_dscores)
-    return _mt_grads(x, deltas, scores, dx, dd, ds)
+    return mt_backward_outputs(x, deltas, scores, dx, dd, ds)
 
 
 KERNELS = {
