@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one call of the device tool (its image: torch 2.11, triton 3.6,
-# Python 3.12, no network):
-#   run(command="bash benchmarks/gpu_session.sh")
-# Results land in $OUT (the device tool brings them back); commit them under benchmarks/results/.
+# The GPU tests and benchmarks in one script, for a CUDA machine (written for torch 2.11, triton
+# 3.6, Python 3.12, no network):
+#   bash benchmarks/gpu_session.sh
+# Results land in $OUT (default benchmarks/results/).
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -14,21 +14,21 @@ echo "build rc=$?" >> "$OUT/gpu_build.txt"
   date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
   python -m taps_fast.info
 } > "$OUT/gpu_info.txt" 2>&1
-# Issue 5 first (the compiled kernels): their GPU tests, then the small-batch suite (bf16, CUDA
-# graphs over layer stacks larger than 4x L2, against the floor, the Triton path and torch.mm).
-python -m pytest tests/test_ext.py tests/test_ext_kernels.py -q -p no:cacheprovider > "$OUT/gpu_ext_tests.txt" 2>&1
+# The compiled kernels first: their GPU tests, then the small-batch suite (bf16, CUDA graphs over
+# layer stacks larger than 4x L2, against the floor, the Triton path and torch.mm).
+python -m pytest tests/ext/test_ext.py tests/ext/test_ext_kernels.py -q -p no:cacheprovider > "$OUT/gpu_ext_tests.txt" 2>&1
 echo "ext tests rc=$?" >> "$OUT/gpu_ext_tests.txt"
 python -m taps_fast.bench --suite small --quiet --out "$OUT/small_cuda.json" > "$OUT/small_cuda.txt" 2>&1
 echo "small rc=$?" >> "$OUT/small_cuda.txt"
 # GPU tests: the interpreter-tier tests run on the GPU, plus the large shapes and bf16.
-python -m pytest tests/test_triton.py tests/test_mt_linear_kernels.py tests/test_mt_conv_kernels.py \
-  tests/test_mt_ops.py tests/test_multitask.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+python -m pytest tests/kernels/ tests/ops/test_triton_dispatch.py \
+  tests/ops/test_mt_ops.py tests/multitask/test_multitask.py -q -x -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/gpu_tests.txt"
 python -m taps_fast.bench --suite kernels --quiet --out "$OUT/kernels_cuda.json" > "$OUT/kernels_cuda.txt" 2>&1
 echo "kernels rc=$?" >> "$OUT/kernels_cuda.txt"
 python -m taps_fast.bench --quiet --batch 64 --resolution 224 --out "$OUT/bench_cuda.json" > "$OUT/bench_cuda.txt" 2>&1
 echo "models rc=$?" >> "$OUT/bench_cuda.txt"
-# Multi-task (issue 4's GPU targets): one linear layer M = N = K = 4096, T = 32, a quarter open;
+# Multi-task, the GPU targets: one linear layer M = N = K = 4096, T = 32, a quarter open;
 # ViT-B/16 end to end, batch 256, T = 32.
 python -m taps_fast.bench --suite multitask --layer 4096,4096,4096,32 --out "$OUT/mt_layer_cuda.json" \
   > "$OUT/mt_layer_cuda.txt" 2>&1

@@ -1,7 +1,7 @@
 """Kernel providers at the ViT-B/16 projection shapes (pytest-benchmark).
 
 Run: ``python -m pytest benchmarks/test_bench_kernels.py --benchmark-only``. The providers are those
-of ``taps-fast bench --suite kernels`` (taps_fast/bench_kernels.py, which also reports TFLOP/s,
+of ``taps-fast bench --suite kernels`` (taps_fast/bench/kernels.py, which also reports TFLOP/s,
 GB/s and the fraction of the machine's ceilings): ``floor`` (plain F.linear with a full weight
 gradient), ``authors`` (materialise W + I·ΔW, autograd), ``authors-compiled`` (torch.compile of
 that; CUDA only), ``taps`` (the dispatcher's backend: Triton on CUDA, the reference path on the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps_fast import bench_kernels as bk
+from taps_fast.bench import kernels as bk
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

@@ -1,9 +1,9 @@
 """Mixed-batch benchmarks (pytest-benchmark), CPU float32 inference: one batch over T tasks.
 
 Run: ``python -m pytest benchmarks --benchmark-only``. Small models so the file stays around a
-minute on 2 cores; ``taps-fast bench --suite multitask`` runs the issue's sizes (ResNet-50 at
+minute on 2 cores; ``taps-fast bench --suite multitask`` runs the full sizes (ResNet-50 at
 160 px, ViT-S/16 at 224 px, batch 32, T = 16) with weight bytes and peak RSS. Providers (see
-taps_fast/bench_multitask.py): ``peft`` (loop over the tasks present, materialising each task's
+taps_fast/bench/multitask.py): ``peft`` (loop over the tasks present, materialising each task's
 weights per call), ``merged`` (loop over T merged model copies), ``base`` (the base model alone:
 the floor), ``taps`` (MultiTaskModel). Each model is one group: the relative column is the ratio
 to the fastest provider (normally ``base``).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from taps_fast import bench_multitask as bm
+from taps_fast.bench import multitask as bm
 
 bench = pytest.mark.benchmark(min_rounds=3, max_time=1.0, warmup=True, warmup_iterations=1)
 CASES = {"resnet18": 96, "vit_tiny_patch16_224": 224}

@@ -4,7 +4,7 @@ Prints the versions (taps_fast, torch, triton, timm, python), CUDA and the devic
 whether the compiled extension loaded and what it contains (the C++ CPU kernels; the CUDA kernels
 and their GPU architectures, or why they were not built), and for every op and backend whether it serves this
 machine's default device in float32 / float16 / bfloat16 and, if not, why; then which backend
-the dispatcher selects. ``--kernels`` runs the static GPU check instead (kernel_check.py).
+the dispatcher selects. ``--kernels`` runs the static GPU check instead (checks/triton_sass.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHOWN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _version(module: str) -> str:
@@ -40,7 +40,7 @@ def report(device: Optional[torch.device] = None) -> str:
     """The whole report as text."""
     import taps_fast
     from taps_fast import _ext, dispatch
-    from taps_fast.ops.ext_backend import CPP_MAX_ROWS, CUDA_MAX_ROWS, SMALL_M
+    from taps_fast.ops.ext_backend import CPP_MAX_ROWS, CUDA_MAX_ROWS, SERVING_ROWS
 
     device = device or default_device()
     lines: List[str] = []
@@ -77,13 +77,13 @@ def report(device: Optional[torch.device] = None) -> str:
     lines += [f"{k:<{w}}  {v}" for k, v in kv]
 
     lines.append("")
-    lines.append(f"ops on {device} (groups=1, M={SMALL_M} rows: the compiled kernels serve up to {CUDA_MAX_ROWS} "
+    lines.append(f"ops on {device} (groups=1, M={SERVING_ROWS} rows: the compiled kernels serve up to {CUDA_MAX_ROWS} "
                  f"rows ('cuda') / {CPP_MAX_ROWS} ('cpp')): 'ok' = the backend serves the call")
-    rows = [("op", "backend") + tuple(_dtype_name(d) for d in DTYPES)]
+    rows = [("op", "backend") + tuple(_dtype_name(d) for d in SHOWN_DTYPES)]
     for op in dispatch.OPS:
-        per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1, rows=SMALL_M) for d in DTYPES}
+        per = {d: dispatch.reasons(op, device=device, dtype=d, groups=1, rows=SERVING_ROWS) for d in SHOWN_DTYPES}
         for name in dispatch.backend_names():
-            rows.append((op, name) + tuple(per[d].get(name) or "ok" for d in DTYPES))
+            rows.append((op, name) + tuple(per[d].get(name) or "ok" for d in SHOWN_DTYPES))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip())
@@ -99,9 +99,9 @@ def report(device: Optional[torch.device] = None) -> str:
         lines.append(f"  forced: {forced}")
     for op in dispatch.OPS:
         sel = []
-        for d in DTYPES:
+        for d in SHOWN_DTYPES:
             try:
-                sel.append(f"{_dtype_name(d)}: {dispatch.select(op, device=device, dtype=d, groups=1, rows=SMALL_M).name}")
+                sel.append(f"{_dtype_name(d)}: {dispatch.select(op, device=device, dtype=d, groups=1, rows=SERVING_ROWS).name}")
             except dispatch.NoBackendError:
                 sel.append(f"{_dtype_name(d)}: none")
         lines.append(f"  {op:<{max(map(len, dispatch.OPS))}}  " + ", ".join(sel))
@@ -120,10 +120,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--archs", default=None, help="with --kernels: e.g. 80,90 (the default)")
     args = p.parse_args(argv)
     if args.kernels:
-        from . import kernel_check
+        from .checks import triton_sass
 
         extra = (["--dtypes", args.dtypes] if args.dtypes else []) + (["--archs", args.archs] if args.archs else [])
-        return kernel_check.main(extra)
+        return triton_sass.main(extra)
     device = torch.device(args.device) if args.device else None
     print(report(device))
     return 0

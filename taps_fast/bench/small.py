@@ -1,4 +1,4 @@
-"""Small-batch serving benchmark: ``taps-fast bench --suite small`` (or ``python -m taps_fast.bench_small``).
+"""Small-batch serving benchmark: ``taps-fast bench --suite small`` (or ``python -m taps_fast.bench --suite small``).
 
 The case the compiled kernels (csrc/) are written for: a few rows at a time (M ∈ {1, 4, 16}) of
 a gated linear layer (N = K ∈ {768, 3072}) whose rows belong to T ∈ {1, 8, 32} tasks (row m has
@@ -13,7 +13,7 @@ must move are W once, each distinct open ΔW present once (P = min(M, T) of them
 
 Each row also reports the roofline bound max(floor, M·N·K·(1 + ...) FLOPs ÷ the matmul rate measured
 in the same run) as ``x roofline``: at M = 16 on a CPU the multiply-adds alone take most of the
-byte floor's time (2·16·3072² FLOPs = 2.7 ms at the 2-core VM's 0.11 TFLOP/s, against 3.4 ms of
+byte floor's time (2·16·3072² FLOPs = 2.7 ms at the 0.11 TFLOP/s of a 2-core x86_64 machine, against 3.4 ms of
 bytes), so a GEMV there is near the compute roof as well as the memory one.
 
 Providers (median time per layer; on the CPU the providers' rounds are interleaved, one round of
@@ -43,35 +43,30 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .harness import (
+    ceilings,
+    cuda_graph_round,
+    dtype_name,
+    environment,
+    last_level_cache_bytes,
+    measure,
+    resolve_device,
+    resolve_dtype,
+    time_interleaved,
+    timer,
+    write_record,
+)
 
 MS = (1, 4, 16)
 NKS = (768, 3072)
 TS = (1, 8, 32)
 TARGET_FLOOR = 1.2  # kernel within 1.2x of the floor
 TARGET_AUTHORS = 1.5  # kernel at least 1.5x faster than the authors' style
-
-
-def last_level_cache_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for d in os.listdir(base):
-            with open(os.path.join(base, d, "size")) as f:
-                s = f.read().strip()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1], 1)
-            best = max(best, int(s.rstrip("KMG")) * mult)
-    except OSError:
-        pass
-    return best or (32 << 20)
 
 
 class Layers:
@@ -108,8 +103,8 @@ class Layers:
 
 def providers(lay: Layers, device: torch.device) -> Dict[str, Callable[[int], torch.Tensor]]:
     """name -> fn(layer index) computing that layer's y."""
-    from . import _ext, dispatch
-    from .ops import taps_mt_linear
+    from .. import _ext, dispatch
+    from ..ops import taps_mt_linear
 
     x, ids, slot, sc, th = lay.x, lay.task_ids, lay.slot, lay.scores, lay.thresholds
     out: Dict[str, Callable[[int], torch.Tensor]] = {}
@@ -171,48 +166,21 @@ def check_agree(lay: Layers, provs: Dict[str, Callable[[int], torch.Tensor]]) ->
                                f"(M={lay.M} N={lay.N} K={lay.K} T={lay.T}): max error {err:.3g} > {tol:.3g}")
 
 
-def round_timer(device: torch.device, repeats: int):
-    """(t(fn) -> median ms of fn(), round(fn, L) -> the callable timed for one round of L layers)."""
+def round_maker(device: torch.device) -> Callable[[Callable[[int], torch.Tensor], int], Callable[[], object]]:
+    """round(fn, L) -> the callable timed for one round of L layers: fn(0), ..., fn(L - 1); on CUDA
+    captured in a CUDA graph and replayed, so launches do not dominate."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def t(fn):
-            return float(do_bench(fn, warmup=25, rep=max(100, 10 * repeats), return_mode="median"))
-
-        def make_round(fn, L):
-            for i in range(L):  # compile / autotune before capture
-                fn(i)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                with torch.cuda.graph(graph, stream=s):
-                    outs = [fn(i) for i in range(L)]
-            torch.cuda.current_stream().wait_stream(s)
-            graph._outs = outs  # keep the outputs alive with the graph
-            return graph.replay
-        return t, make_round
-    from .bench import time_fn
-
-    def t_cpu(fn):
-        return time_fn(fn, repeats, warmup=1).median
-
-    def make_round_cpu(fn, L):
-        return lambda: [fn(i) for i in range(L)]
-    return t_cpu, make_round_cpu
+        return cuda_graph_round
+    return lambda fn, L: (lambda: [fn(i) for i in range(L)])
 
 
 def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
     """Measure the suite; ``say`` receives progress lines (main passes a stderr printer)."""
-    from .bench import environment, resolve_device, time_interleaved
-    from .bench_kernels import ceilings
-    from .ops.ext_backend import SMALL_M
+    from ..ops.ext_backend import SERVING_ROWS
 
     device = resolve_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    t, make_round = round_timer(device, args.repeats)
+    dtype = resolve_dtype(args.dtype, device)
+    t, make_round = timer(device, args.repeats), round_maker(device)
     llc = args.cache_mib << 20 if args.cache_mib else last_level_cache_bytes(device)
     ceil = ceilings(device, t)  # copy bandwidth and matmul rate, measured now
     bw, rate = ceil["bandwidth_GBps"], ceil["matmul_TFLOPs"]
@@ -244,8 +212,8 @@ def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
                                      frac_bandwidth=moved / (ms * 1e-3) / 1e9 / bw,
                                      speedup_of_kernel=(ms / kern) if kern else None))
                 del lay
-    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
-            "copy_bandwidth_GBps": bw, "ceilings": ceil, "last_level_cache_bytes": llc, "small_m": SMALL_M,
+    return {"environment": environment(device), "dtype": dtype_name(dtype),
+            "copy_bandwidth_GBps": bw, "ceilings": ceil, "last_level_cache_bytes": llc, "small_m": SERVING_ROWS,
             "targets": {"kernel_x_floor_max": TARGET_FLOOR, "authors_over_kernel_min": TARGET_AUTHORS},
             "rows": rows}
 
@@ -285,19 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .bench_kernels import write_record
-
     p = build_parser()
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     if not args.m or not args.nk or not args.t or min(args.m + args.nk + args.t) < 1:
         p.error("--m, --nk and --t need positive integers")
-    t0 = time.perf_counter()
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    rec = run(args, say)
-    rec["elapsed_s"] = time.perf_counter() - t0
-    rec["arguments"] = vars(args)
+    rec = measure(run, args)
     env = rec["environment"]
     c = rec["ceilings"]
     print(f"device={env['device']} ({env.get('device_name')})  dtype={rec['dtype']}  copy bandwidth "
@@ -307,7 +269,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = write_record(rec, args.out, "small")
     print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Mixed-batch benchmark: ``taps-fast bench --suite multitask`` (or ``python -m taps_fast.bench_multitask``).
+"""Mixed-batch benchmark: ``taps-fast bench --suite multitask`` (or ``python -m taps_fast.bench --suite multitask``).
 
 One batch whose samples belong to T tasks (uniformly drawn), each task a quarter of the gated
 layers open (chosen at random per task), its own norms and its own head (10 to 200 classes).
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
-import json
 import os
 import resource
 import subprocess
@@ -32,6 +30,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from .harness import ceilings, environment, sync_for, time_interleaved, timer, write_record
 
 MODELS = {"resnet50": 160, "vit_small_patch16_224": 224}
 PROVIDERS = ("peft", "merged", "base", "taps")
@@ -55,8 +55,8 @@ def make_base(arch: str, device, dtype) -> nn.Module:
 
 def write_tasks(arch: str, T: int, open_frac: float, folder: str) -> List[str]:
     """T task files for the base of ``arch``: a random ``open_frac`` of the gated layers open."""
-    from .checkpoint import base_fingerprint, write_task
-    from .convert import convert, task_state_keys, taps_layers
+    from ..checkpoint import base_fingerprint, write_task
+    from ..convert import convert, task_state_keys, taps_layers
 
     conv = convert(make_base(arch, "cpu", torch.float32))
     layers = list(taps_layers(conv))
@@ -89,13 +89,13 @@ def write_tasks(arch: str, T: int, open_frac: float, folder: str) -> List[str]:
 
 def _read(path):
     """The tensors of a task file the benchmark wrote itself (checksum verified)."""
-    from .checkpoint import TaskFile
+    from ..checkpoint import TaskFile
 
     return TaskFile(path).read_tensors()
 
 
 def _head_name(model: nn.Module) -> str:
-    from .convert import resolve_head
+    from ..convert import resolve_head
 
     return resolve_head(model)[0]
 
@@ -140,7 +140,7 @@ def build(provider: str, arch: str, paths: List[str], device, dtype):
         copies = [merged_copy(plain, t, head) for t in tasks]
         return copies, loop(lambda t, xt: copies[t](xt))
     if provider == "taps":
-        from .multitask import MultiTaskModel
+        from ..multitask import MultiTaskModel
 
         mt = MultiTaskModel(plain)
         for i, p in enumerate(paths):
@@ -169,7 +169,7 @@ def merged_copy(plain: nn.Module, tensors: Dict[str, torch.Tensor], head: str) -
 
 def weight_bytes(objs) -> int:
     """Bytes held by a provider's models and tensor dicts (each storage once)."""
-    from .multitask import storage_bytes
+    from ..multitask import storage_bytes
 
     ts = []
     for o in objs:
@@ -188,7 +188,7 @@ def batch(arch: str, B: int, T: int, device, dtype, seed: int = 1):
 # ----------------------------------------------------------------------------- peak RSS probe
 def rss_probe(provider: str, arch: str, paths: List[str], B: int, device: str, dtype: str) -> int:
     """Peak resident set (bytes) of a fresh process that builds ``provider`` and runs it once."""
-    cmd = [sys.executable, "-m", "taps_fast.bench_multitask", "--_probe", provider, "--models", arch,
+    cmd = [sys.executable, "-m", "taps_fast.bench", "--suite", "multitask", "--_probe", provider, "--models", arch,
            "--resolution", str(resolution(arch)), "--batch", str(B), "--tasks", str(len(paths)), "--device", device, "--dtype", dtype,
            "--_paths", ",".join(paths)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -226,9 +226,7 @@ def run_layer(args, device, dtype) -> List[dict]:
     materialised, F.linear on the task's rows), ``taps`` (taps_mt_linear: the Triton kernel on
     CUDA), against the floor max(2MNK / matmul rate, bytes / bandwidth) with bytes = x, y, W and
     every open ΔW once, the ceilings measured in the same run."""
-    from .bench import sync_for, time_interleaved
-    from .bench_kernels import ceilings, timer
-    from .ops.multitask import taps_mt_linear
+    from ..ops import taps_mt_linear
 
     M, N, K, T = args.layer
     g = torch.Generator().manual_seed(0)
@@ -282,8 +280,6 @@ def run_layer(args, device, dtype) -> List[dict]:
 
 # ----------------------------------------------------------------------------- the suite
 def run_model(arch: str, args, device, dtype, folder: str) -> List[dict]:
-    from .bench import sync_for, time_interleaved
-
     paths = write_tasks(arch, args.tasks, args.open_frac, folder)
     x, ids = batch(arch, args.batch, args.tasks, device, dtype)
     built = {p: build(p, arch, paths, device, dtype) for p in args.providers}
@@ -353,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each provider's peak RSS in a fresh process (default: on the CPU)")
     p.add_argument("--layer", default=None, help="M,N,K,T: benchmark one multi-task linear layer instead "
-                   "of models (the issue's GPU case: 4096,4096,4096,32)")
+                   "of models (the GPU case: 4096,4096,4096,32)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/multitask_<device>_<time>.json)")
     p.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_paths", default=None, help=argparse.SUPPRESS)
@@ -361,8 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .bench import RESULTS_DIR, environment
-
     p = build_parser()
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.dtype is None:
@@ -398,16 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(header)
     if models:
         print(format_table(rows))
-    out = args.out or os.path.join(
-        RESULTS_DIR, f"multitask_{device.type}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"environment": env, "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                   "rows": rows}, f, indent=2)
-        f.write("\n")
+    record = {"environment": env, "arguments": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "rows": rows}
+    out = write_record(record, args.out, "multitask")
     print(f"wrote {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
-"""End-to-end benchmark: converted timm models against the plain model, training step and inference.
+"""The models suite: converted timm models against the plain model, training step and inference.
 
 Run ``python -m taps_fast.bench`` (or ``taps-fast bench``); ``--help`` lists the options. With no
-arguments it benchmarks resnet50 and vit_small_patch16_224 (random weights, nothing downloaded)
-on the device present, prints a table of medians and ratios to the plain model and writes the
-rows as JSON under ``benchmarks/results/``.
+arguments it benchmarks resnet50, vit_small_patch16_224 and densenet121 (random weights, nothing
+downloaded) on the device present, prints a table of medians and ratios to the plain model and
+writes the rows as JSON under ``benchmarks/results/``.
 
 Providers, per model:
 
@@ -21,28 +21,38 @@ no optimizer step. Inference is model.eval() under torch.inference_mode(). The p
 model and mode are timed interleaved (one step of each in turn per repeat), so slow drifts of
 the machine (thermal, other processes) hit every provider alike; each repeat is one step.
 
-Suites: "models" (the above); "kernels" (layer shapes against the floor and the machine's
-ceilings: taps_fast/bench_kernels.py). Others are added to :data:`SUITES`.
+The other suites (``--suite kernels|multitask|small``) have their own modules and options:
+taps_fast/bench/__main__.py routes to them.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime as _dt
-import json
 import logging
-import math
 import os
-import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .harness import (
+    DTYPE_BY_NAME,
+    RESULTS_DIR,
+    Stats,
+    dtype_name,
+    environment,
+    resolve_device,
+    resolve_dtype,
+    selected_backends,
+    sync_for,
+    time_interleaved,
+    write_record,
+)
 
 log = logging.getLogger("taps_fast.bench")
 
@@ -55,103 +65,7 @@ DEFAULT_OPEN_FRACTION = 1.0
 CLOSED_SCORE = 0.05  # below the default threshold 0.1: a closed gate
 DELTA_STD = 1e-3
 SEED = 0
-RESULTS_DIR = os.path.join("benchmarks", "results")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MODES = ("train", "infer")
-
-
-# ----------------------------------------------------------------------------- timing
-@dataclass
-class Stats:
-    """Per-step wall times of one provider, in milliseconds."""
-
-    times_ms: List[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def q1(self) -> float:
-        return _quantile(self.times_ms, 0.25)
-
-    @property
-    def q3(self) -> float:
-        return _quantile(self.times_ms, 0.75)
-
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
-    @property
-    def min(self) -> float:
-        return min(self.times_ms)
-
-    @property
-    def max(self) -> float:
-        return max(self.times_ms)
-
-
-def _quantile(xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), defined for a single sample too."""
-    if not xs:
-        raise ValueError("no samples")
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def _null_sync() -> None:
-    pass
-
-
-def sync_for(device: torch.device) -> Callable[[], None]:
-    """The function that waits for the device's queued work (a no-op on CPU)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return _null_sync
-
-
-def time_interleaved(
-    fns: Dict[str, Callable[[], object]],
-    repeats: int,
-    warmup: int = 1,
-    sync: Callable[[], None] = _null_sync,
-    tick: Optional[Callable[[], None]] = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Dict[str, Stats]:
-    """Time each function ``repeats`` times after ``warmup`` untimed calls, round-robin over the
-    functions (one call of each in turn), with ``sync()`` before and after every timed call.
-    ``tick()`` is called after every call, warmup included (for a progress bar)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-            sync()
-            if tick is not None:
-                tick()
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = clock()
-            fn()
-            sync()
-            times[name].append((clock() - t0) * 1e3)
-            if tick is not None:
-                tick()
-    return {name: Stats(ts) for name, ts in times.items()}
-
-
-def time_fn(fn: Callable[[], object], repeats: int, warmup: int = 1,
-            sync: Callable[[], None] = _null_sync) -> Stats:
-    """Time one function: see :func:`time_interleaved`."""
-    return time_interleaved({"fn": fn}, repeats, warmup, sync)["fn"]
 
 
 # ----------------------------------------------------------------------------- rows and table
@@ -221,76 +135,6 @@ def format_table(rows: Sequence[Row]) -> str:
         out.append(line(b))
         prev = r.model
     return "\n".join(out)
-
-
-# ----------------------------------------------------------------------------- environment
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("taps_fast.bench: --device cuda, but CUDA is not available here")
-    return dev
-
-
-def resolve_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    """float32 on CPU; bfloat16 on CUDA (the usual training dtype there), unless given."""
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def selected_backends(device: torch.device, dtype: torch.dtype) -> Dict[str, str]:
-    """The backend each op would use here (honouring a forced backend), or why none can."""
-    from . import dispatch
-
-    out = {}
-    for op in dispatch.OPS:
-        try:
-            out[op] = dispatch.select(op, device=device, dtype=dtype, groups=1).name
-        except dispatch.NoBackendError as e:
-            out[op] = f"none ({e})"
-    return out
-
-
-def backend_label(forced: Optional[str], selected: Dict[str, str]) -> str:
-    names = sorted(set(selected.values()))
-    chosen = names[0] if len(names) == 1 else ",".join(f"{op}={n}" for op, n in selected.items())
-    return f"{forced} (forced)" if forced else f"auto -> {chosen}"
-
-
-def environment(device: torch.device) -> Dict[str, object]:
-    import taps_fast
-
-    env: Dict[str, object] = {
-        "taps_fast": taps_fast.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "device_name": device_name(device),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    try:
-        import timm
-
-        env["timm"] = timm.__version__
-    except ImportError:
-        env["timm"] = None
-    if hasattr(os, "getloadavg"):
-        env["loadavg_1min_at_start"] = os.getloadavg()[0]
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-        env["cudnn"] = torch.backends.cudnn.version()
-    return env
 
 
 # ----------------------------------------------------------------------------- models suite
@@ -389,15 +233,16 @@ def run_models_suite(args: argparse.Namespace, device: torch.device, dtype: torc
         x = x.to(device=device, dtype=dtype)
         y = torch.randint(0, n_classes, (args.batch,), generator=g).to(device)
 
+        # Models bound as default arguments: the names are deleted at the end of each model's turn.
         plans = {
             "train": {
-                "plain": lambda: train_step(plain, x, y),
-                "taps": lambda: train_step(taps, x, y, lam=args.lam),
+                "plain": lambda m=plain: train_step(m, x, y),
+                "taps": lambda m=taps: train_step(m, x, y, lam=args.lam),
             },
             "infer": {
-                "plain": lambda: infer_step(plain, x),
-                "taps": lambda: infer_step(taps, x),
-                "taps-merged": lambda: infer_step(merged, x),
+                "plain": lambda m=plain: infer_step(m, x),
+                "taps": lambda m=taps: infer_step(m, x),
+                "taps-merged": lambda m=merged: infer_step(m, x),
             },
         }
         for mode in args.modes:
@@ -416,19 +261,15 @@ def _models_steps(args: argparse.Namespace) -> int:
     return len(args.models) * per_model * (args.warmup + args.repeats)
 
 
-# A suite: (run(args, device, dtype, progress) -> rows, number of progress steps(args)).
-SUITES: Dict[str, tuple] = {
-    "models": (run_models_suite, _models_steps),
-}
-
-
 # ----------------------------------------------------------------------------- CLI
 def _csv(s: str) -> List[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import dispatch
+def build_parser(suites: Sequence[str] = ("models",)) -> argparse.ArgumentParser:
+    """The models suite's options; ``suites``: the --suite choices the help lists (every suite of
+    ``python -m taps_fast.bench``, which passes them)."""
+    from .. import dispatch
 
     p = argparse.ArgumentParser(
         prog="python -m taps_fast.bench",
@@ -436,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "inference); prints a table and writes JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--suite", choices=sorted(SUITES) + ["kernels", "multitask", "small"], default="models",
-                   help="what to benchmark; 'kernels' is the layer-kernel suite (taps_fast/bench_kernels.py, "
+    p.add_argument("--suite", choices=list(suites), default="models",
+                   help="what to benchmark; 'kernels' is the layer-kernel suite (taps_fast/bench/kernels.py, "
                         "its own options: --suite kernels --help)")
     p.add_argument("--models", type=_csv, default=",".join(DEFAULT_MODELS),
                    help="comma-separated timm model names (random weights, nothing is downloaded)")
@@ -446,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION,
                    help="input height = width (fixed-size models such as ViT are built for it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPE_BY_NAME), default="auto",
                    help="auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--backend", choices=dispatch.backend_names(), default=None,
                    help="force a taps_fast backend (default: automatic choice)")
@@ -476,51 +317,41 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
-    if args.suite == "models":
-        if not args.models:
-            p.error("--models is empty")
-        try:
-            import timm
-        except ImportError:
-            p.error("the models suite needs timm (pip install timm)")
-        unknown = [m for m in args.models if not timm.is_model(m)]
-        if unknown:
-            p.error(f"--models: unknown timm model(s): {', '.join(unknown)}")
+    if not args.models:
+        p.error("--models is empty")
+    try:
+        import timm
+    except ImportError:
+        p.error("the models suite needs timm (pip install timm)")
+    unknown = [m for m in args.models if not timm.is_model(m)]
+    if unknown:
+        p.error(f"--models: unknown timm model(s): {', '.join(unknown)}")
 
 
-def default_out_path(device: torch.device, now: Optional[_dt.datetime] = None) -> str:
-    now = now or _dt.datetime.now()
-    return os.path.join(RESULTS_DIR, f"bench_{device.type}_{now.strftime('%Y%m%d-%H%M%S')}.json")
+def backend_label(forced: Optional[str], selected: Dict[str, str]) -> str:
+    names = sorted(set(selected.values()))
+    chosen = names[0] if len(names) == 1 else ",".join(f"{op}={n}" for op, n in selected.items())
+    return f"{forced} (forced)" if forced else f"auto -> {chosen}"
 
 
 def header_line(env: Dict[str, object], dtype: torch.dtype, args: argparse.Namespace, backend: str) -> str:
     return (f"device={env['device']} ({env['device_name']})  torch={env['torch']}  "
-            f"threads={env['torch_threads']}  dtype={str(dtype).replace('torch.', '')}  "
+            f"threads={env['torch_threads']}  dtype={dtype_name(dtype)}  "
             f"batch={args.batch}  resolution={args.resolution}  backend={backend}  "
             f"open_fraction={args.open_fraction}  repeats={args.repeats}  warmup={args.warmup}")
 
 
-def _json_safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, suites: Sequence[str] = ("models",)) -> int:
+    """The models suite's command line (``suites``: see :func:`build_parser`)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from . import dispatch
+    from .. import dispatch
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for name in ("kernels", "multitask", "small"):  # suites with their own options and module
-        if f"--suite={name}" in argv or any(a == "--suite" and i + 1 < len(argv) and argv[i + 1] == name
-                                            for i, a in enumerate(argv)):
-            import importlib
-
-            return importlib.import_module(f"taps_fast.bench_{name}").main(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    parser = build_parser(suites)
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.suite != "models":
+        parser.error(f"--suite {args.suite} is not the models suite: run it with python -m taps_fast.bench")
     _validate(parser, args)
     if not logging.getLogger().handlers:
         level = logging.INFO if args.verbose else logging.WARNING
@@ -533,9 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             dispatch.forced_backend()  # a bad TAPS_FAST_BACKEND fails here, not mid-run
         except dispatch.NoBackendError as e:
             parser.error(str(e))
-    run, steps = SUITES[args.suite]
     env = environment(device)
-    out = args.out or default_out_path(device)
+    started = _dt.datetime.now()  # the default file name is stamped with the start
     load = env.get("loadavg_1min_at_start")
     if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1):
         log.warning("the machine is busy (1-min load average %.2f on %s CPUs): CPU timings will be noisy "
@@ -546,9 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         header = header_line(env, dtype, args, backend)
         log.info(header)
         t0 = time.perf_counter()
-        with tqdm(total=steps(args), disable=args.quiet, file=sys.stderr, unit="step",
+        with tqdm(total=_models_steps(args), disable=args.quiet, file=sys.stderr, unit="step",
                   dynamic_ncols=True, leave=False) as bar, logging_redirect_tqdm():
-            rows = run(args, device, dtype, bar)
+            rows = run_models_suite(args, device, dtype, bar)
         elapsed = time.perf_counter() - t0
     add_ratios(rows)
 
@@ -556,19 +386,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(format_table(rows))
     record = {
         "environment": env,
-        "arguments": {k: v for k, v in vars(args).items()},
-        "resolved": {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "backend": backend},
+        "arguments": dict(vars(args)),
+        "resolved": {"device": str(device), "dtype": dtype_name(dtype), "backend": backend},
         "elapsed_s": elapsed,
-        "rows": [{k: _json_safe(v) for k, v in asdict(r).items()} for r in rows],
+        "rows": [asdict(r) for r in rows],
     }
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
+    out = write_record(record, args.out, "bench", now=started)
     print(f"wrote {out} ({elapsed:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

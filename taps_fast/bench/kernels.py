@@ -1,4 +1,4 @@
-"""Kernel-level benchmark: ``taps-fast bench --suite kernels`` (or ``python -m taps_fast.bench_kernels``).
+"""Kernel-level benchmark: ``taps-fast bench --suite kernels`` (or ``python -m taps_fast.bench --suite kernels``).
 
 Per layer shape, forward + backward (and, at small M, forward only), providers:
 
@@ -28,60 +28,41 @@ then memory, not launches or L2 (``graph`` rows; per-layer time = replay / L).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
-import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .harness import (
+    ceilings,
+    cuda_graph_round,
+    dtype_name,
+    environment,
+    last_level_cache_bytes,
+    measure,
+    resolve_device,
+    resolve_dtype,
+    selected_backends,
+    timer,
+    write_record,
+)
+
 VIT_NK = [(768, 768), (2304, 768), (3072, 768), (768, 3072)]
-SMALL_M = (1, 4, 16)
+FEW_ROWS = (1, 4, 16)
 BIG_NK = (8192, 8192)
 TOKENS = 197  # ViT-B/16 at 224 px: 196 patches + the class token
 GRAPH_MIN_LAYERS = 12
 
 
-# ----------------------------------------------------------------------------- timing
-def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, interleaving-free wall clock
-    on the CPU (bench.time_fn)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: float(do_bench(fn, warmup=25, rep=max(100, 10 * repeats), return_mode="median"))
-    from .bench import time_fn
-
-    return lambda fn: time_fn(fn, repeats, warmup=1).median
-
-
-def _copy_ms(n: int, device: torch.device, t: Callable) -> float:
-    """Time of copying n fp32 elements device to device (the buffers are freed on return)."""
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return t(lambda: dst.copy_(src))
-
-
-def ceilings(device: torch.device, t: Callable) -> Dict[str, float]:
-    """Measured memory bandwidth (GB/s, from a copy) and matmul rate (TFLOP/s)."""
-    n_copy = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
-    bw = 2 * n_copy * 4 / (_copy_ms(n_copy, device, t) * 1e-3) / 1e9
-    if device.type == "cuda":
-        n, dt = 8192, torch.bfloat16
-    else:
-        n, dt = 2048, torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
-    ms = t(lambda: a @ b)
-    return {"bandwidth_GBps": bw, "matmul_TFLOPs": 2 * n ** 3 / (ms * 1e-3) / 1e12,
-            "matmul": f"{str(dt).replace('torch.', '')} {n}^3", "copy_bytes": n_copy * 4}
-
-
 # ----------------------------------------------------------------------------- providers
+def _grad_step(f: Callable[[], torch.Tensor], leaves: List[torch.Tensor], dy: torch.Tensor) -> Callable[[], None]:
+    """One forward f() and the gradients of its output (upstream dy) with respect to ``leaves``."""
+    def run():
+        torch.autograd.grad(f(), leaves, dy)
+    return run
+
+
 def _linear_inputs(M, N, K, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
@@ -94,7 +75,7 @@ def _linear_inputs(M, N, K, dtype, device, seed=0):
 
 
 def linear_providers(M, N, K, dtype, device, backward: bool, compiled: bool) -> Dict[str, Callable]:
-    from .ops import taps_linear, taps_linear_ref
+    from ..ops import taps_linear, taps_linear_ref
 
     x, w, d, s, dy = _linear_inputs(M, N, K, dtype, device)
     ref_c = torch.compile(taps_linear_ref) if compiled else None
@@ -111,20 +92,13 @@ def linear_providers(M, N, K, dtype, device, backward: bool, compiled: bool) -> 
     wg = w.clone().requires_grad_(True)
     dg = d.clone().requires_grad_(True)
     sg = s.clone().requires_grad_(True)
-
-    def step(f, leaves):
-        def run():
-            y = f()
-            torch.autograd.grad(y, leaves, dy)
-        return run
-
     out = {
-        "floor": step(lambda: F.linear(xg, wg), [xg, wg]),
-        "authors": step(lambda: taps_linear_ref(xg, w, dg, sg, None, 0.1), [xg, dg, sg]),
-        "taps": step(lambda: taps_linear(xg, w, dg, sg, None, 0.1), [xg, dg, sg]),
+        "floor": _grad_step(lambda: F.linear(xg, wg), [xg, wg], dy),
+        "authors": _grad_step(lambda: taps_linear_ref(xg, w, dg, sg, None, 0.1), [xg, dg, sg], dy),
+        "taps": _grad_step(lambda: taps_linear(xg, w, dg, sg, None, 0.1), [xg, dg, sg], dy),
     }
     if compiled:
-        out["authors-compiled"] = step(lambda: ref_c(xg, w, dg, sg, None, 0.1), [xg, dg, sg])
+        out["authors-compiled"] = _grad_step(lambda: ref_c(xg, w, dg, sg, None, 0.1), [xg, dg, sg], dy)
     return out
 
 
@@ -152,7 +126,7 @@ def resnet50_convs(resolution: int = 224) -> List[dict]:
 
 
 def conv_providers(c: dict, B: int, dtype, device, compiled: bool) -> Dict[str, Callable]:
-    from .ops import taps_conv2d, taps_conv2d_ref
+    from ..ops import taps_conv2d, taps_conv2d_ref
 
     g = torch.Generator(device="cpu").manual_seed(0)
     fan = c["C"] * c["k"][0] * c["k"][1]
@@ -167,26 +141,21 @@ def conv_providers(c: dict, B: int, dtype, device, compiled: bool) -> Dict[str, 
     dy = torch.randn(y0.shape, generator=g).to(device=device, dtype=dtype).contiguous(memory_format=cl)
     xg, wg, dg, sg = (t.clone().requires_grad_(True) for t in (x, w, d, s))
     ref_c = torch.compile(taps_conv2d_ref) if compiled else None
-
-    def step(f, leaves):
-        def run():
-            torch.autograd.grad(f(), leaves, dy)
-        return run
-
     out = {
-        "floor": step(lambda: F.conv2d(xg, wg, None, **geo), [xg, wg]),
-        "authors": step(lambda: taps_conv2d_ref(xg, w, dg, sg, None, threshold=0.1, **geo), [xg, dg, sg]),
-        "taps": step(lambda: taps_conv2d(xg, w, dg, sg, None, threshold=0.1, **geo), [xg, dg, sg]),
+        "floor": _grad_step(lambda: F.conv2d(xg, wg, None, **geo), [xg, wg], dy),
+        "authors": _grad_step(lambda: taps_conv2d_ref(xg, w, dg, sg, None, threshold=0.1, **geo), [xg, dg, sg], dy),
+        "taps": _grad_step(lambda: taps_conv2d(xg, w, dg, sg, None, threshold=0.1, **geo), [xg, dg, sg], dy),
     }
     if compiled:
-        out["authors-compiled"] = step(lambda: ref_c(xg, w, dg, sg, None, threshold=0.1, **geo), [xg, dg, sg])
+        out["authors-compiled"] = _grad_step(lambda: ref_c(xg, w, dg, sg, None, threshold=0.1, **geo),
+                                             [xg, dg, sg], dy)
     return out
 
 
 def graph_stack_forward(M, N, K, dtype, device, t, l2_bytes: int) -> Dict[str, dict]:
     """Small-M forward per layer inside a CUDA graph over a stack of L layers with distinct
     weights (L >= 12 and the weights >= 4x L2), for floor (W only) and taps (W + open ΔW)."""
-    from .ops import taps_linear
+    from ..ops import taps_linear
 
     esz = torch.tensor([], dtype=dtype).element_size()
     per_layer = 2 * N * K * esz
@@ -197,19 +166,9 @@ def graph_stack_forward(M, N, K, dtype, device, t, l2_bytes: int) -> Dict[str, d
     res = {}
     for name, fn in (("floor", lambda i: F.linear(x, ws[i])),
                      ("taps", lambda i: taps_linear(x, ws[i], ds[i], s, None, 0.1))):
-        for i in range(L):  # warm up: autotune and compile before capture
-            fn(i)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(0)
-            with torch.cuda.graph(graph, stream=stream):
-                outs = [fn(i) for i in range(L)]  # distinct outputs, alive while timed
-        torch.cuda.current_stream().wait_stream(stream)
-        ms = t(graph.replay) / L
-        del outs
+        replay = cuda_graph_round(fn, L)  # L distinct outputs, alive while timed
+        ms = t(replay) / L
+        del replay  # frees the graph and its outputs before the next provider's
         bytes_ = (M * K + N * K * (2 if name == "taps" else 1) + M * N) * esz
         res[name] = dict(ms=ms, bytes=bytes_, layers=L)
     return res
@@ -248,8 +207,6 @@ def format_rows(rows: List[dict]) -> str:
 # ----------------------------------------------------------------------------- run
 def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
     """Measure the suite; ``say`` receives progress lines (main passes a stderr printer)."""
-    from .bench import environment, resolve_device, resolve_dtype, selected_backends
-
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.type == "cuda"
@@ -275,14 +232,14 @@ def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
     if "small" in groups:
         sizes = vit + ([BIG_NK] if not args.quick else [])
         for N, K in sizes:
-            for M in SMALL_M:
+            for M in FEW_ROWS:
                 shape = f"M={M} N={N} K={K}"
                 say("small-M", shape)
                 for p, fn in linear_providers(M, N, K, dtype, device, False, compiled).items():
                     moved = (M * K + N * K * (1 if p == "floor" else 2) + M * N) * esz
                     rows.append(_row("small-M", shape, "fwd", p, t(fn), 2 * M * N * K, moved, ceil))
                 if cuda and not args.no_graph:
-                    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+                    l2 = last_level_cache_bytes(device)
                     for p, r in graph_stack_forward(M, N, K, dtype, device, t, l2).items():
                         rows.append(_row("small-M", shape, "fwd graph", p, r["ms"], 2 * M * N * K, r["bytes"],
                                          ceil, {"graph_layers": r["layers"]}))
@@ -304,7 +261,7 @@ def run(args, say: Callable[..., None] = lambda *a: None) -> dict:
                 rows.append(_row("resnet50-conv", shape, "fwd+bwd", p, t(fn), flops, moved, ceil))
     add_floor_ratios(rows)
     env = environment(device)
-    return {"environment": env, "ceilings": ceil, "dtype": str(dtype).replace("torch.", ""),
+    return {"environment": env, "ceilings": ceil, "dtype": dtype_name(dtype),
             "backends": selected_backends(device, dtype), "batch": batch, "conv_batch": conv_batch,
             "compiled": compiled, "rows": rows}
 
@@ -339,11 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--groups: unknown {bad}; choose from vit, small, conv")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    t0 = time.perf_counter()
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    rec = run(args, say)
-    rec["elapsed_s"] = time.perf_counter() - t0
-    rec["arguments"] = vars(args)
+    rec = measure(run, args)
     c = rec["ceilings"]
     dev = rec["environment"]["device"]
     print(f"device={dev} ({rec['environment'].get('device_name')})  dtype={rec['dtype']}  "
@@ -353,19 +306,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = write_record(rec, args.out, "kernels")
     print(f"wrote {out} ({rec['elapsed_s']:.0f} s)")
     return 0
-
-
-def write_record(rec: dict, out: Optional[str], suite: str) -> str:
-    """Write a suite's record as JSON (default benchmarks/results/<suite>_<device>_<time>.json);
-    returns the path."""
-    dev = torch.device(rec["environment"]["device"]).type
-    out = out or os.path.join("benchmarks", "results", f"{suite}_{dev}_{_dt.datetime.now():%Y%m%d-%H%M%S}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rec, f, indent=2, default=str)
-        f.write("\n")
-    return out
-
-
-if __name__ == "__main__":
-    sys.exit(main())

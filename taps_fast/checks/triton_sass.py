@@ -1,4 +1,5 @@
-"""Static GPU check of the Triton kernels: ``python -m taps_fast.info --kernels``.
+"""Static GPU check of the Triton kernels: ``python -m taps_fast.info --kernels`` (or
+``python -m taps_fast.checks triton``).
 
 Compiles every kernel ahead of time for sm_80 and sm_90 (``triton.compile`` with a ``GPUTarget``
 needs no GPU) at every config its autotuner can choose, and reads the cubin with Triton's bundled
@@ -21,8 +22,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ._cuobjdump import parse_res_usage, parse_sass, run_cuobjdump
+
 ARCHS = (80, 90)
-DTYPES = {"fp16": "fp16", "bf16": "bf16", "tf32": "fp32"}  # name -> Triton pointer element type
+POINTER_TYPES = {"fp16": "fp16", "bf16": "bf16", "tf32": "fp32"}  # name -> Triton pointer element type
 # All three: bf16 is not a copy of fp16 (its converts differ; one config spilled in bf16 only).
 DEFAULT_DTYPES = ("fp16", "bf16", "tf32")
 
@@ -66,12 +69,6 @@ SPECS: List[Spec] = [
 ]
 
 
-def _bin(tool: str) -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
-
-
 def _kernel(spec: Spec):
     """(the JITFunction, its Autotuner or None)."""
     import importlib
@@ -98,9 +95,7 @@ def _signature(fn, spec: Spec, elem: str, constexprs: Dict[str, object]) -> Dict
     return sig
 
 
-def _res_usage(text: str) -> Dict[str, int]:
-    line = [ln for ln in text.splitlines() if "REG:" in ln][-1]
-    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
+_HGMMA = re.compile(r"\bHGMMA\b")  # sm_90's wgmma, as SASS spells it
 
 
 def compile_one(job) -> dict:
@@ -119,7 +114,7 @@ def compile_one(job) -> dict:
         cx.update(dict(zip(spec.tiles, (bm, bn, bk))))
     if "PREC" in fn.arg_names:
         cx["PREC"] = "tf32" if dtype == "tf32" else "ieee"
-    sig = _signature(fn, spec, DTYPES[dtype], cx)
+    sig = _signature(fn, spec, POINTER_TYPES[dtype], cx)
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")}
     row = dict(kernel=spec.name, dtype=dtype, arch=f"sm_{arch}", matmul=spec.matmul,
                config="-" if tile is None else "{}x{}x{} w{} s{}".format(*tile))
@@ -133,11 +128,12 @@ def compile_one(job) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()
-            res = subprocess.run([_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-            sass = subprocess.run([_bin("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
-        use = _res_usage(res)
+            res = run_cuobjdump(["-res-usage", f.name], check=True).stdout
+            sass = run_cuobjdump(["-sass", f.name], check=True).stdout
+        use = list(parse_res_usage(res).values())[-1]  # the cubin holds this one kernel
         row.update(regs=use.get("REG", -1), smem=int(ck.metadata.shared),
-                   local=use.get("STACK", 0) + use.get("LOCAL", 0), hgmma="HGMMA" in sass, error=None)
+                   local=use.get("STACK", 0) + use.get("LOCAL", 0), hgmma=any(parse_sass(sass, _HGMMA).values()),
+                   error=None)
     except Exception as e:  # report, do not crash the table
         row.update(regs=-1, smem=-1, local=-1, hgmma=False, error=f"{type(e).__name__}: {str(e)[:200]}")
     return row
@@ -204,19 +200,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--archs", default=",".join(map(str, ARCHS)))
     args, _ = p.parse_known_args(argv)
     dtypes = [d for d in args.dtypes.split(",") if d]
-    bad_d = [d for d in dtypes if d not in DTYPES]
+    bad_d = [d for d in dtypes if d not in POINTER_TYPES]
     if bad_d:
-        p.error(f"unknown dtype(s) {bad_d}; choose from {list(DTYPES)}")
+        p.error(f"unknown dtype(s) {bad_d}; choose from {list(POINTER_TYPES)}")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # The interpreter replaces @triton.jit functions; compile in a clean process instead.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "taps_fast.kernel_check", "--dtypes", args.dtypes, "--archs", args.archs]
+        cmd = [sys.executable, "-m", "taps_fast.checks", "triton", "--dtypes", args.dtypes, "--archs", args.archs]
         sys.stdout.flush()
         return subprocess.run(cmd, env=env).returncode
     table, bad = run(dtypes, [int(a) for a in args.archs.split(",")])
     print(table)
     return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
