@@ -106,7 +106,7 @@ def _read(src) -> Tuple[Dict[str, Tensor], Dict[str, object], str]:
                     f"{where} needs pickle beyond tensors and plain containers: it holds a "
                     f"{glob.group(1)} object. taps_fast loads checkpoints only with "
                     "torch.load(weights_only=True), which cannot run code. If you trust the file, "
-                    "load it with weights_only=False in a session of your own and torch.save its "
+                    "load it with weights_only=False in a Python process of your own and torch.save its "
                     "['state_dict'] alone") from None
             why = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(\n\n|$)", str(e), re.S)
             why = why.group(1) if why else (str(e).splitlines() or ["no detail"])[0]

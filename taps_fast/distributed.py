@@ -1,4 +1,4 @@
-"""Helpers for data-parallel TAPS training (README, "Distributed training").
+"""Helpers for data-parallel TAPS training (docs/training.md, "Distributed training").
 
 DDP needs none: a closed layer's custom-op backward returns an explicit zero dΔW, so every
 trainable parameter gets a gradient on every step (find_unused_parameters=False is right). What
