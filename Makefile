@@ -7,11 +7,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0 tqdm==4.70.1 \
-          numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 hypothesis==6.170.17 \
+          numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 hypothesis==6.170.17 ruff==0.17.6 \
           setuptools==84.2.1 wheel==0.48.0 \
           scikit-learn==1.9.1 matplotlib==3.11.2 peft==0.21.2 transformers==5.24.0
 STAMP  := $(VENV)/.taps_fast-installed
-# nvcc lives here on the development machines; the (optional) CUDA part of csrc/ needs it.
+# nvcc's usual location; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
 .PHONY: setup test bench bench-layers bench-kernels bench-small check-kernels info demo clean
@@ -21,7 +21,7 @@ setup: $(STAMP)
 # The editable install builds taps_fast._C (csrc/), so a changed C++/CUDA source re-runs it.
 CSRC   := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
-$(STAMP): Makefile setup.py $(CSRC)
+$(STAMP): Makefile setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check pip==26.3
 	$(PIP) install --quiet $(PINS)
@@ -29,9 +29,11 @@ $(STAMP): Makefile setup.py $(CSRC)
 	$(PIP) install --quiet -e . --no-build-isolation
 	touch $(STAMP)
 
-# -n 2: the two cores run tests side by side (the interpreter tests are single-threaded numpy);
-# one process measured 9m47s to 13m27s for the suite, over the 15-minute CI budget with set-up.
+# ruff first (pyproject.toml: pyflakes and pycodestyle's error classes), then every test; -n 2:
+# two cores run tests side by side (one process took 9m47s-13m27s for the suite on a 2-core
+# x86_64 machine without a GPU).
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q -n 2
 
 # The main job: converted timm models vs the plain model, training step and inference, on the
@@ -59,8 +61,7 @@ bench-small: $(STAMP)
 # a register spill or a matmul without wgmma on sm_90; then the extension's CUDA kernels (cuobjdump
 # of taps_fast._C: no spills, 16-byte loads).
 check-kernels: $(STAMP)
-	$(PY) -m taps_fast.info --kernels
-	$(PY) -m taps_fast.ext_check
+	$(PY) -m taps_fast.checks
 
 info: $(STAMP)
 	$(PY) -m taps_fast.info

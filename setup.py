@@ -78,7 +78,8 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["taps_fast", "taps_fast.ops", "taps_fast.kernels"],
+    packages=["taps_fast", "taps_fast.ops", "taps_fast.multitask", "taps_fast.bench", "taps_fast.checks",
+              "taps_fast.kernels"],
     package_dir={"taps_fast": "taps_fast", "taps_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -91,7 +92,7 @@ setup(
         "triton": ["triton>=3.2"],
         "plot": ["matplotlib>=3.7"],  # taps_fast.plot_*
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],  # the digits data ship inside scikit-learn
-        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100", "timm>=1.0", "torchvision>=0.21",
+        "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100", "ruff>=0.6", "timm>=1.0", "torchvision>=0.21",
                  "scikit-learn>=1.3", "matplotlib>=3.7", "peft>=0.14"],
     },
     entry_points={"console_scripts": ["taps-fast=taps_fast.cli:main"]},

@@ -1,4 +1,4 @@
-"""Test-session setup. Without a GPU the Triton kernels are tested under Triton's interpreter,
+"""pytest set-up. Without a GPU the Triton kernels are tested under Triton's interpreter,
 which must be switched on before the kernels are defined, i.e. before taps_fast is imported."""
 import os
 
@@ -7,3 +7,24 @@ if "TRITON_INTERPRET" not in os.environ:
 
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def triton_poisoned(monkeypatch):
+    """The Triton backend forced, every buffer its launchers allocate NaN-filled first (so an
+    element a kernel fails to write fails the comparison) and, on a GPU, fp32 as TF32 (the tests'
+    fp32 bound accounts for it)."""
+    import torch
+
+    from taps_fast import dispatch
+    from taps_fast.kernels import _common as kcommon  # imports triton
+
+    monkeypatch.setattr(kcommon, "POISON_OUTPUTS", True)
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with dispatch.use_backend("triton"):
+        yield

@@ -47,3 +47,14 @@ def assert_scaled_close(actual, expected, scale, dtype, what=""):
     err = float(((a - expected.double()).abs() / s.clamp_min(1e-6 * float(s.max()) + 1e-30)).max())
     bound = RTOL[dtype]
     assert err <= bound, f"{what}: relative error {err:.3g} > bound {bound:.3g} for {dtype}"
+
+
+def skip_module_without_triton() -> None:
+    """Skip the calling test module when the Triton backend cannot run here (no triton, or no
+    GPU and no TRITON_INTERPRET)."""
+    import pytest
+
+    from taps_fast.ops import triton_backend
+
+    if triton_backend.available() is not None or (not torch.cuda.is_available() and not triton_backend._interpret()):
+        pytest.skip(f"triton backend unavailable: {triton_backend.available()}", allow_module_level=True)

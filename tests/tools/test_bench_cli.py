@@ -86,7 +86,7 @@ def test_multitask_suite_tiny(tmp_path, capsys):
     """taps-fast bench --suite multitask end to end on a tiny model: every provider agrees with
     the merged copies (checked inside the suite), ratios, weight bytes and a peak-RSS probe."""
     out = tmp_path / "mt.json"
-    from taps_fast import bench_multitask as bm
+    from taps_fast.bench import multitask as bm
 
     rc = cli.main(["bench", "--suite", "multitask", "--models", "test_resnet", "--resolution", "32",
                    "--batch", "6", "--tasks", "3", "--repeats", "1", "--warmup", "0", "--no-rss",
@@ -124,7 +124,7 @@ def test_small_suite_tiny(tmp_path, capsys):
 
 
 def test_small_suite_refuses_a_wrong_provider(monkeypatch):
-    from taps_fast import bench_small
+    from taps_fast.bench import small as bench_small
 
     lay = bench_small.Layers(2, 16, 16, 2, torch.float32, torch.device("cpu"), 1 << 16)
     provs = bench_small.providers(lay, torch.device("cpu"))

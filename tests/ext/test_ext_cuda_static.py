@@ -5,7 +5,7 @@ latter by design). Skipped when the extension was built without its CUDA part or
 is not available."""
 import pytest
 
-from taps_fast import ext_check
+from taps_fast.checks import ext_sass as ext_check
 
 
 @pytest.fixture(scope="module")

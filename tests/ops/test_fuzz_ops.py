@@ -29,10 +29,10 @@ every result must be finite, so an element no kernel writes fails.
 The oracles' straight-through gate g + s - s.detach() is NaN for an infinite score (inf - inf),
 so the oracle gets a finite score on the same side of τ; ds does not depend on the score's value.
 
-Examples: a few per test and backend by default, derandomized (CI sees the same cases on every
+Examples: a few per test and backend by default, derandomized (the same cases on every
 run; the file takes a few seconds on two cores), plus fixed cases at the gate's edges (a score
 exactly at τ, ±inf) that every run includes. TAPS_FUZZ_EXAMPLES=<n> draws n examples in every
-test instead, for a long hunt: ``TAPS_FUZZ_EXAMPLES=300 pytest tests/test_fuzz_ops.py``.
+test instead, for a long hunt: ``TAPS_FUZZ_EXAMPLES=300 pytest tests/ops/test_fuzz_ops.py``.
 """
 import contextlib
 import dataclasses
@@ -168,7 +168,7 @@ def fuzz(check, cases, backend: str, op: str, explicit=()) -> None:
     def run(case):
         check(backend, case)
 
-    # One thread: the cases are tiny, and with two, on a busy two-core machine (CI runs two test
+    # One thread: the cases are tiny, and with two, on a busy two-core machine (`make test` runs two test
     # workers), each small CPU op can wait ~16 ms for the pool's other thread.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -427,13 +427,15 @@ def check_linear(backend: str, case: LinearCase) -> None:
 def linear_edges() -> list:
     """The cases every run includes: a score exactly at τ (open) in fp16 with fp32 inputs, τ =
     0.1 rounded to fp16 (below 0.1), so a gate read as s > τ, or compared with τ unrounded,
-    fails; and TAPSLinear with an infinite score (open, finite outputs)."""
+    fails; an fp64 score one ulp below τ (closed: an fp64 score compares in double, and in fp32
+    it would round up to τ); and TAPSLinear with an infinite score (open, finite outputs)."""
     at_threshold = LinearCase(
         dtype=F32, score_dtype=F16, lead=(3,), in_features=5, out_features=4, bias=True,
         gate="at_threshold", threshold=0.1, module=False, x_layout="contiguous",
         weight_layout="contiguous", delta_layout="contiguous", dy_layout="contiguous",
         grads=("bias", "delta", "score", "x"), cpu_kernel="native", seed=0)
-    return [at_threshold, dataclasses.replace(at_threshold, score_dtype=F32, gate="inf", module=True)]
+    return [at_threshold, dataclasses.replace(at_threshold, score_dtype=F64, gate="ulp_below"),
+            dataclasses.replace(at_threshold, score_dtype=F32, gate="inf", module=True)]
 
 
 @backends_for("linear_fwd")

@@ -173,7 +173,7 @@ def train_taps(kind, rank=0, world=1):
 
 def stale_ddp_check(rank, world):
     """What a DDP wrapper left stale by freeze_gates does (the reason for refuse_wrapped and the
-    README's "re-wrap"): its first step does not all-reduce (replicas diverge), the second
+    docs/training.md, "Re-wrap after freeze_gates"): its first step does not all-reduce (replicas diverge), the second
     raises. Returns flags for the test."""
     model = tiny()
     net, opt = _wrap(model, "ddp"), sgd(model)
@@ -202,7 +202,7 @@ def stale_ddp_check(rank, world):
 # MultiTaskModel: ids of each step's global batch (rank 0: rows 0-3, rank 1: rows 4-7).
 # step 0: task 2 absent from both ranks, task 0 on rank 0 only, base rows on rank 1;
 # step 1: every task present, none on both ranks; step 2: tasks 1 and 2 absent from both ranks;
-# step 3: all tasks and a base row. No rank ever has only base rows (see docs_distributed.md).
+# step 3: all tasks and a base row. No rank ever has only base rows (see docs/training.md).
 MT_IDS = torch.tensor([[0, 0, 1, 1, 1, -1, 1, 1],
                        [2, 2, 2, -1, 0, 1, 0, 1],
                        [0, 0, 0, 0, 0, 0, 0, 0],
@@ -292,9 +292,10 @@ def worker(rank, init_file, out_dir):
 
 def start(tmp_path):
     """Start the WORLD worker processes (they run run_all); ``finish`` collects them."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")]  # tests/: helpers.py
+                                          + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(r),
                               str(tmp_path / "rendezvous"), str(tmp_path)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import taps_fast
 from taps_fast import gate_matrix, plot_gate_map, plot_lambda_sweep
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 LAYERS = ["0", "3", "7"]  # the gated layers of _base(), in model order ("9" is the head)
 EXPECTED = {"a": [True, True, True], "b": [True, False, True], "c": [False, True, True]}

@@ -38,8 +38,8 @@ def _build_expected():
 
 # ----------------------------------------------------------------------------- build and loading
 def test_extension_built_with_every_part_the_machine_allows():
-    """CI builds the extension: the C++ part always, the CUDA part wherever nvcc and a CUDA torch
-    are present (here: nvcc 13.0 and torch+cu130), so a .cu that fails to compile fails CI rather
+    """`make test` builds the extension: the C++ part always, the CUDA part wherever nvcc and a CUDA torch
+    are present (e.g. nvcc 13.0 with torch+cu130), so a .cu that fails to compile fails the suite rather
     than being skipped in silence."""
     want = _build_expected()
     if want is None:
@@ -220,7 +220,7 @@ def test_small_batch_multitask_serving_on_cpp_matches_each_task_alone(cpu_chunk,
     so its linear layers run on the cpp kernels (the single-task one on task-pure chunks, the
     mixed-batch one in one call); every row equals its task's own model."""
     from taps_fast.ops import ext_backend
-    from test_multitask import SIZES, build, check_rows, oracle_rows
+    from multitask.test_multitask import SIZES, build, check_rows, oracle_rows
 
     calls = {"linear_fwd": 0, "mt_linear_fwd": 0}
     for op in calls:

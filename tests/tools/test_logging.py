@@ -9,10 +9,10 @@ import torch.nn as nn
 
 import taps_fast
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Functions allowed to print: a command's main (its report is its output) and the benchmark's
 # child-process probe, whose stdout is the protocol its parent reads.
-PRINTERS = {"main", "_probe"}
+PRINTERS = {"main", "_probe", "progress_printer"}  # progress_printer: the bench commands' stderr progress line
 
 
 def _writes(node: ast.AST) -> bool:

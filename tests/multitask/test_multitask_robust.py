@@ -1,7 +1,7 @@
 """MultiTaskModel as a server uses it: several threads at once, any integer id dtype, batches with
-no tasks, and random add/remove sessions checked against each task's own model.
+no tasks, and random add/remove sequences checked against each task's own model.
 
-Hypothesis draws the sessions (``TAPS_FUZZ_EXAMPLES`` raises the number of examples, as in
+Hypothesis draws the sequences (``TAPS_FUZZ_EXAMPLES`` raises the number of examples, as in
 test_fuzz_ops.py); the oracle is always the task's own converted model in float64.
 """
 import os
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taps_fast import MultiTaskModel
-from taps_fast.ops.multitask import taps_mt_conv2d, taps_mt_linear
+from taps_fast.ops import taps_mt_conv2d, taps_mt_linear
 
 from helpers import RTOL_MODEL, assert_rel_close
 from test_multitask import PATHS, build, check_rows, make_plain, make_task, oracle_rows
@@ -161,11 +161,11 @@ def test_mixed_ops_with_no_tasks(op):
     assert_rel_close(g, g_want, torch.float64, op + " dx")
 
 
-# ----------------------------------------------------------------------------- sessions
+# ----------------------------------------------------------------------------- sequences
 @FUZZ
 @given(data=st.data())
-def test_random_add_remove_sessions_match_each_tasks_own_model(data):
-    """Random sessions (add a task from a model or a file, remove one, serve a batch with any id
+def test_random_add_remove_sequences_match_each_tasks_own_model(data):
+    """Random sequences (add a task from a model or a file, remove one, serve a batch with any id
     dtype, empty or all-base batches) against each task's own model, on both CPU paths."""
     plain = _plain()
     cpu_chunk = data.draw(st.sampled_from([3, 0]), label="cpu_chunk")

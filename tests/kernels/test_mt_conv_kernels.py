@@ -115,7 +115,7 @@ def _run(x, w, deltas, b, t, conv, dy=None, needs=(True, True)):
     y = kmt.mt_conv2d_fwd(x, t["sample_task"], w, deltas, *gates, b, *cv)
     if dy is None:
         torch.manual_seed(123)
-        dy = torch.randn(y.shape, device=DEV).to(y.dtype).contiguous(memory_format=kmt._out_format(x))
+        dy = torch.randn(y.shape, device=DEV).to(y.dtype).contiguous(memory_format=kmt.out_format(x))
     dx = kmt.mt_conv2d_dgrad(dy, x, t["sample_task"], w, deltas, *gates, *cv)
     dd, ds = kmt.mt_conv2d_wgrad(dy, x, t["sample_task"], deltas, *gates, *cv, *needs)
     return y, dx, dd, ds, dy

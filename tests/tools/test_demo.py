@@ -15,7 +15,7 @@ pytest.importorskip("sklearn")
 import taps_fast  # noqa: E402
 from taps_fast import cli, demo  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.slow
