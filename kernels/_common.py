@@ -241,8 +241,14 @@ def gate_operands(score: torch.Tensor, threshold: float):
     the poison still shows). Other dtypes pass through."""
     if score.dtype != torch.float64:
         return score, threshold
-    sign = torch.where(score >= threshold, 1.0, -1.0).to(torch.float32)
-    return torch.where(torch.isnan(score), score.float(), sign), 0.0
+    return gate_as_sign(score, threshold), 0.0
+
+
+def gate_as_sign(scores: torch.Tensor, thresholds) -> torch.Tensor:
+    """fp32 +1 where scores >= thresholds (compared in the scores' dtype), -1 where not, NaN where
+    a score is NaN: a gate an fp32 load reads exactly, against τ = 0."""
+    sign = torch.where(scores >= thresholds, 1.0, -1.0).to(torch.float32)
+    return torch.where(torch.isnan(scores), scores.float(), sign)
 
 
 def threshold_in(score, threshold: float) -> float:
@@ -311,8 +317,8 @@ def gate_tensors(slot: torch.Tensor, scores: torch.Tensor, thresholds: torch.Ten
     segment's) stay in bounds; no row ever names it. Shape-only decisions: no host sync."""
     slot = slot.to(torch.int32)
     if scores.dtype == torch.float64:  # compared in double on the device, as in gate_operands
-        sign = torch.where(scores >= thresholds, 1.0, -1.0).to(torch.float32)
-        scores, thresholds = torch.where(torch.isnan(scores), scores.float(), sign), torch.zeros_like(sign)
+        scores = gate_as_sign(scores, thresholds)
+        thresholds = torch.zeros_like(scores)
     if slot.numel() == 0:
         slot = torch.full((1,), -1, dtype=torch.int32, device=slot.device)
         scores = torch.zeros(1, dtype=scores.dtype, device=scores.device)
