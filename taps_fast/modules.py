@@ -91,6 +91,16 @@ class _TAPSMixin:
         new._init_taps(threshold, init_score)
         return new
 
+    def _tensors(self):
+        """(weight, delta, score, bias), read from _parameters directly: nn.Module.__getattr__
+        costs 0.5 µs a read, a tenth of a small layer's call. A parametrized layer
+        (torch.nn.utils.parametrize), whose weight is a computed attribute, reads attributes."""
+        p = self._parameters
+        try:
+            return p["weight"], p["delta"], p["score"], p["bias"]
+        except KeyError:
+            return self.weight, self.delta, self.score, self.bias
+
     def _taps_repr(self) -> str:
         s = self.score.detach()
         state = "open" if self.is_open else "closed"
@@ -119,7 +129,8 @@ class TAPSLinear(_TAPSMixin, nn.Linear):
         return cls._from_module(m, ("in_features", "out_features"), threshold, init_score)
 
     def forward(self, x: Tensor) -> Tensor:
-        return taps_linear(x, self.weight, self.delta, self.score, self.bias, self.threshold)
+        weight, delta, score, bias = self._tensors()
+        return taps_linear(x, weight, delta, score, bias, self._threshold)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._taps_repr()
@@ -156,8 +167,9 @@ class TAPSConv2d(_TAPSMixin, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d._conv_forward: pad, then a 'valid' conv
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return taps_conv2d(x, self.weight, self.delta, self.score, self.bias, self.stride, padding,
-                           self.dilation, self.groups, self.threshold)
+        weight, delta, score, bias = self._tensors()
+        return taps_conv2d(x, weight, delta, score, bias, self.stride, padding, self.dilation, self.groups,
+                           self._threshold)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._taps_repr()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ._common import autocast_inputs, eager_no_grad, match_layout, mt_backward_outputs, out_format, restride
+from ._common import DIRECT, autocast_inputs, eager_path, match_layout, mt_backward_outputs, out_format, restride
 from ._mt_common import (
     add_rows,
     base_grads,
@@ -192,5 +192,5 @@ def taps_mt_conv2d(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
     check_batch_ids(_OP, task_ids, x, slot, check_ids)
     task_ids = kernel_ids(task_ids)
     x, stride, padding, dilation = conv_geometry(_OP, x, weight, stride, padding, dilation)
-    op = _mt_conv2d_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_conv2d_op
+    op = _mt_conv2d_fwd if eager_path(x, weight, deltas, scores, bias) == DIRECT else _mt_conv2d_op
     return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias, stride, padding, dilation, groups)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch
-from ._common import autocast_inputs, eager_no_grad, mt_backward_outputs, not_a_view
+from ._common import DIRECT, autocast_inputs, eager_path, mt_backward_outputs, not_a_view
 from ._mt_common import (
     add_rows,
     base_grads,
@@ -228,5 +228,5 @@ def taps_mt_linear(x: Tensor, task_ids: Tensor, weight: Tensor, deltas: Tensor, 
                          f"expected [batch, ..., {weight.shape[-1]}]")
     check_batch_ids(_OP, task_ids, x, slot, check_ids)
     task_ids = kernel_ids(task_ids)
-    op = _mt_linear_fwd if eager_no_grad(x, weight, deltas, scores, bias) else _mt_linear_op
+    op = _mt_linear_fwd if eager_path(x, weight, deltas, scores, bias) == DIRECT else _mt_linear_op
     return op(x, task_ids, weight, deltas, slot, scores, thresholds, bias)

@@ -94,7 +94,7 @@ def test_forced_backend_that_cannot_serve_lists_reasons(monkeypatch):
                 TAPSLinear(5, 3)(torch.randn(2, 5))
         TAPSLinear(5, 3)(torch.randn(2, 5))  # automatic choice skips it
     finally:
-        dispatch._REGISTRY.remove(be)
+        dispatch.unregister_backend("picky")
 
 
 def test_threshold_is_a_finite_real_and_part_of_the_state_dict():
