@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.taps_fast-installed
 # nvcc's usual location; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: setup test bench bench-layers bench-kernels bench-small check-kernels info demo clean
+.PHONY: setup test bench bench-layers bench-kernels bench-small bench-overhead check-kernels info demo clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,13 @@ bench-kernels: $(STAMP)
 # best pure-PyTorch form.
 bench-small: $(STAMP)
 	$(PY) -m taps_fast.bench --suite small $(ARGS)
+
+# Never slower than the naive code: per-call overhead and forward + backward of tiny layers against
+# nn's, the CPU training step against the authors' style and plain fine-tuning, few-row serving
+# against a read-only pass over the weights, the mixed batch against merged copies, unmerged
+# inference against plain; one table of ratios and targets. ARGS="--quick" for a smoke run.
+bench-overhead: $(STAMP)
+	$(PY) -m taps_fast.bench --suite overhead $(ARGS)
 
 # Static GPU check, no GPU needed: compile every Triton kernel config for sm_80/sm_90 and fail on
 # a register spill or a matmul without wgmma on sm_90; then the extension's CUDA kernels (cuobjdump

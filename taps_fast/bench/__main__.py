@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-from . import kernels, models, multitask, small
+from . import kernels, models, multitask, overhead, small
 
 
 def _models(argv: List[str]) -> int:
@@ -23,6 +23,7 @@ REGISTRY: Dict[str, Callable[[List[str]], int]] = {
     "kernels": kernels.main,
     "multitask": multitask.main,
     "small": small.main,
+    "overhead": overhead.main,
 }
 
 

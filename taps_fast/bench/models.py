@@ -13,6 +13,11 @@ Providers, per model:
   so the open path computes something real; ``--open-fraction`` closes the gates of a seeded
   random share of the layers (score below threshold), as late in training. Train step = forward +
   cross-entropy + :func:`taps_fast.sparsity_penalty` + backward.
+- ``authors``: the TAPS authors' style on the same tensors (:func:`authors_style`: a deep copy of
+  the ``taps`` model whose gated layers compute with W + g·ΔW formed by autograd in every forward,
+  then an ordinary F.linear / F.conv2d: the formulas of taps_fast.ops.taps_linear_ref and
+  taps_conv2d_ref, the gate's straight-through estimator g + s − s.detach()). It is the naive code
+  taps_fast replaces: taps should be no slower. Same train step as ``taps`` (penalty included).
 - ``taps-merged`` (inference only): :func:`taps_fast.merge` of that copy: plain layers again, so it
   should run at the plain model's speed.
 
@@ -21,7 +26,7 @@ no optimizer step. Inference is model.eval() under torch.inference_mode(). The p
 model and mode are timed interleaved (one step of each in turn per repeat), so slow drifts of
 the machine (thermal, other processes) hit every provider alike; each repeat is one step.
 
-The other suites (``--suite kernels|multitask|small``) have their own modules and options:
+The other suites (``--suite kernels|multitask|small|overhead``) have their own modules and options:
 taps_fast/bench/__main__.py routes to them.
 """
 from __future__ import annotations
@@ -40,6 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..modules import TAPSConv2d, TAPSLinear
+from ..ops import taps_conv2d_ref, taps_linear_ref
 from .harness import (
     DTYPE_BY_NAME,
     RESULTS_DIR,
@@ -62,6 +69,7 @@ DEFAULT_RESOLUTION = 160
 DEFAULT_REPEATS = 10
 DEFAULT_WARMUP = 1
 DEFAULT_OPEN_FRACTION = 1.0
+DEFAULT_LAM = 0.5  # the sparsity penalty weight of the taps and authors train steps
 CLOSED_SCORE = 0.05  # below the default threshold 0.1: a closed gate
 DELTA_STD = 1e-3
 SEED = 0
@@ -180,6 +188,44 @@ def prepare_taps(plain: nn.Module, open_fraction: float, seed: int = SEED,
     return model
 
 
+class _AuthorsLinear(TAPSLinear):
+    """A TAPSLinear computing as the authors' code does: taps_linear_ref (W + g·ΔW by autograd,
+    then F.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return taps_linear_ref(x, self.weight, self.delta, self.score, self.bias, self.threshold)
+
+
+class _AuthorsConv2d(TAPSConv2d):
+    """A TAPSConv2d computing as the authors' code does: taps_conv2d_ref (W + g·ΔW by autograd,
+    then F.conv2d), padding modes as nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return taps_conv2d_ref(x, self.weight, self.delta, self.score, self.bias, self.stride, padding,
+                               self.dilation, self.groups, self.threshold)
+
+
+_AUTHORS_CLASS = {TAPSLinear: _AuthorsLinear, TAPSConv2d: _AuthorsConv2d}
+
+
+def authors_style(taps: nn.Module) -> nn.Module:
+    """A deep copy of the converted model ``taps`` whose gated layers compute in the authors' style
+    (the same tensors: W, ΔW, s, τ, b copied as they are). The layers stay TAPSLinear / TAPSConv2d
+    (isinstance holds: taps_layers and sparsity_penalty see them); only their forward changes."""
+    import taps_fast
+
+    model = copy.deepcopy(taps)
+    for _, m in taps_fast.taps_layers(model):
+        if type(m) not in _AUTHORS_CLASS:
+            raise TypeError(f"authors_style: no authors' form of {type(m).__name__}")
+        m.__class__ = _AUTHORS_CLASS[type(m)]
+    return model
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lam: float = 0.0) -> None:
     """forward, cross-entropy (+ the TAPS sparsity penalty when lam > 0), backward, zero grads."""
     model.train()
@@ -213,7 +259,7 @@ def _model_info(plain: nn.Module, taps: nn.Module) -> Dict[str, object]:
 
 def run_models_suite(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
                      progress) -> List[Row]:
-    """plain / taps / taps-merged for each model, train and infer."""
+    """plain / authors / taps / taps-merged for each model, train and infer."""
     import taps_fast
 
     rows: List[Row] = []
@@ -223,6 +269,7 @@ def run_models_suite(args: argparse.Namespace, device: torch.device, dtype: torc
         torch.manual_seed(SEED)
         plain = create_model(name, args.resolution).to(device=device, dtype=dtype)
         taps = prepare_taps(plain, args.open_fraction)
+        authors = authors_style(taps)
         merged = taps_fast.merge(taps)
         info = _model_info(plain, taps)
         log.info("%s: %d params, %d gated layers (%d open)", name, info["params"], info["gated_layers"],
@@ -237,10 +284,12 @@ def run_models_suite(args: argparse.Namespace, device: torch.device, dtype: torc
         plans = {
             "train": {
                 "plain": lambda m=plain: train_step(m, x, y),
+                "authors": lambda m=authors: train_step(m, x, y, lam=args.lam),
                 "taps": lambda m=taps: train_step(m, x, y, lam=args.lam),
             },
             "infer": {
                 "plain": lambda m=plain: infer_step(m, x),
+                "authors": lambda m=authors: infer_step(m, x),
                 "taps": lambda m=taps: infer_step(m, x),
                 "taps-merged": lambda m=merged: infer_step(m, x),
             },
@@ -250,14 +299,14 @@ def run_models_suite(args: argparse.Namespace, device: torch.device, dtype: torc
             stats = time_interleaved(plans[mode], args.repeats, args.warmup, sync, tick=lambda: progress.update(1))
             for prov, st in stats.items():
                 rows.append(make_row("models", name, mode, prov, args.batch, args.resolution, st, extra=info))
-        del plain, taps, merged, plans
+        del plain, taps, authors, merged, plans
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def _models_steps(args: argparse.Namespace) -> int:
-    per_model = sum({"train": 2, "infer": 3}[m] for m in args.modes)
+    per_model = sum({"train": 3, "infer": 4}[m] for m in args.modes)
     return len(args.models) * per_model * (args.warmup + args.repeats)
 
 
@@ -296,7 +345,8 @@ def build_parser(suites: Sequence[str] = ("models",)) -> argparse.ArgumentParser
     p.add_argument("--open-fraction", type=float, default=DEFAULT_OPEN_FRACTION,
                    help="fraction of gated layers whose gate is open (1.0: start of training); the "
                         f"others get score {CLOSED_SCORE}, chosen with a seeded generator")
-    p.add_argument("--lam", type=float, default=0.5, help="sparsity penalty weight in the taps train step")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAM,
+                   help="sparsity penalty weight in the taps and authors train steps")
     p.add_argument("--out", default=None,
                    help=f"JSON output path (default: {RESULTS_DIR}/bench_<device>_<YYYYmmdd-HHMMSS>.json)")
     p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import Dict, Optional, Tuple
+
+import torch
 
 import torch.nn as nn
 from torch import Tensor
@@ -22,9 +24,27 @@ class _Context(threading.local):
         # to this task (-1: the base) and the layers take the single-task path, with no gather
         # and no per-layer host sync.
         self.task: Optional[int] = None
+        # Serving a task-pure chunk with a gate open computes with W + ΔW: written into this
+        # thread's scratch buffer (one per dtype and device, as large as the largest layer's W)
+        # rather than into a fresh tensor per layer and chunk. The layers run one after the
+        # other, and the plain op keeps no reference to its weight, so one buffer serves them
+        # all. Why: a fresh W-sized tensor per open layer and chunk is allocated, page-faulted
+        # and written back to memory each time; resnet50 at 160 px with 16 tasks of 2 samples
+        # (a quarter of the layers open per task) spent 11% over the merged copies doing so on
+        # a 2-core x86_64 machine without a GPU, torch 2.14.1.
+        self.scratch: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
 
     def __reduce__(self):  # copy.deepcopy / pickle: a fresh, empty context (no call in flight)
         return (_Context, ())
+
+    def weight_sum(self, weight: Tensor, delta: Tensor) -> Tensor:
+        """W + ΔW in this thread's scratch buffer: valid until the next call of weight_sum in
+        this thread (for an op that keeps no reference to its weight: inference only)."""
+        key = (weight.dtype, weight.device)
+        buf = self.scratch.get(key)
+        if buf is None or buf.numel() < weight.numel():
+            buf = self.scratch[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+        return torch.add(weight, delta, out=buf[:weight.numel()].view(weight.shape))
 
     def get(self, who: str) -> Tensor:
         if self.ids is None:

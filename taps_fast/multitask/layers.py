@@ -95,9 +95,10 @@ class _MTGated(nn.Module):
         return self._serve_open(x, d, score, thr)
 
     def _serve_open(self, x: Tensor, d: Tensor, score: Tensor, thr: float) -> Tensor:
-        """Serving, gate open: the plain op with W + ΔW (MultiTaskLinear overrides this for few
-        rows, where a fused kernel reads W and ΔW without forming W + ΔW)."""
-        return self._plain(x, self.weight + d)
+        """Serving, gate open: the plain op with W + ΔW, formed in the thread's scratch buffer
+        (_Context.weight_sum; MultiTaskLinear overrides this for few rows, where a fused kernel
+        reads W and ΔW without forming W + ΔW)."""
+        return self._plain(x, self._ctx.weight_sum(self.weight, d))
 
     def _plain(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError
@@ -140,7 +141,7 @@ class MultiTaskLinear(_MTGated):
         # W + ΔW for F.linear.
         kernel = _few_row_kernel(x, self.in_features)
         if kernel is None:
-            return F.linear(x, self.weight + d, self.bias)
+            return super()._serve_open(x, d, score, thr)
         return kernel(x, self.weight, d, score, self.bias, thr)
 
 

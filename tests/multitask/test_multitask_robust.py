@@ -225,3 +225,32 @@ def _task(plain, seed):
     if key not in _CACHE:
         _CACHE[key] = make_task(plain, seed=seed, classes=2 + seed % 6).eval()
     return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------- the scratch buffer
+def test_weight_sum_reuses_one_buffer_per_thread():
+    """W + ΔW of a serving call goes into the thread's scratch buffer: exact sums, one buffer per
+    dtype (grown to the largest layer), reused by smaller layers, and none carried by a copy."""
+    import copy
+
+    from taps_fast.multitask._context import _Context
+
+    ctx = _Context()
+    g = torch.Generator().manual_seed(0)
+    small = (torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
+    big = (torch.randn(5, 2, 3, 3, generator=g), torch.randn(5, 2, 3, 3, generator=g))
+    a = ctx.weight_sum(*small)
+    assert torch.equal(a, small[0] + small[1]) and a.shape == (3, 4)
+    b = ctx.weight_sum(*big)
+    assert torch.equal(b, big[0] + big[1]) and b.shape == (5, 2, 3, 3)
+    c = ctx.weight_sum(*small)
+    assert torch.equal(c, small[0] + small[1])
+    assert c.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # reused, not grown
+    d = ctx.weight_sum(small[0].double(), small[1].double())
+    assert d.dtype == torch.float64 and len(ctx.scratch) == 2
+    assert copy.deepcopy(ctx).scratch == {}
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(ctx.weight_sum(*small)))
+    t.start()
+    t.join()
+    assert seen[0].untyped_storage().data_ptr() != c.untyped_storage().data_ptr()  # its own buffer

@@ -41,15 +41,15 @@ def test_bench_main_tiny(tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert rec["environment"]["torch"] and rec["arguments"]["batch"] == 2
     got = {(r["mode"], r["provider"]): r for r in rec["rows"]}
-    assert set(got) == {("train", "plain"), ("train", "taps"), ("infer", "plain"), ("infer", "taps"),
-                        ("infer", "taps-merged")}
+    assert set(got) == {("train", "plain"), ("train", "authors"), ("train", "taps"), ("infer", "plain"),
+                        ("infer", "authors"), ("infer", "taps"), ("infer", "taps-merged")}
     for r in rec["rows"]:
         assert r["model"] == "resnet18" and r["median_ms"] > 0 and r["ratio"] > 0 and r["img_per_s"] > 0
     assert got[("train", "plain")]["ratio"] == 1.0
     extra = got[("infer", "taps")]["extra"]
     assert extra["open_layers"] == round(0.5 * extra["gated_layers"])
     printed = capsys.readouterr().out
-    assert "taps-merged" in printed and "backend=" in printed
+    assert "taps-merged" in printed and "authors" in printed and "backend=" in printed
 
 
 def test_info_main(capsys):
