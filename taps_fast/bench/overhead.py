@@ -215,6 +215,15 @@ def _small_input(kind: str, device: torch.device) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(device=device, dtype=DTYPE)
 
 
+def _per_call_rows(group: str, kind: str, what: str, stats: Dict[str, Stats], calls: int, repeats: int,
+                   target: float) -> List[Row]:
+    """The gate-open and gate-closed rows of one layer kind: µs per call against the nn layer."""
+    name, base = LAYER_NAMES[kind]
+    return [Row(group, f"{name}, gate {state}, {what}", "taps", _per_call_us(stats[state], calls), base,
+                _per_call_us(stats["nn"], calls), "µs", target, extra={"calls_per_sample": calls, "samples": repeats})
+            for state in ("open", "closed")]
+
+
 def run_overhead(st: Settings, device: torch.device, repeats: int, say) -> List[Row]:
     """Eager inference calls, one thread: µs per call of each TAPS layer against its nn layer."""
     rows: List[Row] = []
@@ -231,11 +240,7 @@ def run_overhead(st: Settings, device: torch.device, repeats: int, say) -> List[
 
         with torch_threads(1), torch.inference_mode():
             stats = time_interleaved({k: loop(m) for k, m in layers.items()}, repeats, warmup=1, sync=sync)
-        name, base = LAYER_NAMES[kind]
-        for state in ("open", "closed"):
-            rows.append(Row("overhead", f"{name}, gate {state}, inference", "taps",
-                            _per_call_us(stats[state], n), base, _per_call_us(stats["nn"], n), "µs",
-                            TARGET_OVERHEAD, extra={"calls_per_sample": n, "samples": repeats}))
+        rows += _per_call_rows("overhead", kind, "inference", stats, n, repeats, TARGET_OVERHEAD)
     return rows
 
 
@@ -260,11 +265,7 @@ def run_fwdbwd(st: Settings, device: torch.device, repeats: int, say) -> List[Ro
 
         with torch_threads(1):
             stats = time_interleaved({k: loop(m) for k, m in layers.items()}, repeats, warmup=1, sync=sync)
-        name, base = LAYER_NAMES[kind]
-        for state in ("open", "closed"):
-            rows.append(Row("fwdbwd", f"{name}, gate {state}, forward + backward", "taps",
-                            _per_call_us(stats[state], n), base, _per_call_us(stats["nn"], n), "µs",
-                            TARGET_FWDBWD, extra={"calls_per_sample": n, "samples": repeats}))
+        rows += _per_call_rows("fwdbwd", kind, "forward + backward", stats, n, repeats, TARGET_FWDBWD)
     return rows
 
 

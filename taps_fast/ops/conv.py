@@ -13,7 +13,9 @@ gradient, i.e. the correlation of x with dy):
 The file reads top down, as linear.py: ``taps_conv2d_ref`` (the oracle: the autograd formula,
 authors' style, also the benchmark baseline), ``conv2d_fwd_torch`` / ``conv2d_bwd_torch`` (the
 kernels of the "reference" backend, written with torch ops), the launcher, the
-``taps_fast::conv2d`` / ``conv2d_backward`` custom ops, and the functional ``taps_conv2d``. The
+``taps_fast::conv2d`` / ``conv2d_backward`` custom ops, the eager ``_Conv2dFunction``, and the
+functional ``taps_conv2d`` (its eager paths as taps_linear's: F.conv2d's own autograd on
+``GatedWeight`` where the reference backward serves). The
 ops take symmetric integer padding; 'same' with an even kernel, and non-zero padding modes, are
 padded in ``taps_conv2d`` / ``TAPSConv2d`` first, exactly as nn.Conv2d does.
 """

@@ -19,7 +19,11 @@ The file reads top down:
 - the launcher: the dispatcher picks a backend per call and runs its kernel;
 - the ``taps_fast::linear`` / ``taps_fast::linear_backward`` custom ops with fake kernels and
   autograd, so torch.compile(fullgraph=True) traces through them;
-- ``taps_linear``, the functional API that ``TAPSLinear`` calls.
+- ``_LinearFunction``, the same kernels as an eager autograd.Function (training off the
+  reference backward);
+- ``taps_linear``, the functional API that ``TAPSLinear`` calls: it picks the eager path
+  (ops/_common.eager_path; docs/design.md, "Eager paths"), the reference backward's being
+  F.linear's own autograd on ``GatedWeight``.
 """
 from __future__ import annotations
 
@@ -346,7 +350,9 @@ def taps_linear(
             # a closed layer too large for one block of its blocked ds (G would be whole)
             is_open = gate_is_open(score, threshold, _OP)
             if is_open or weight.numel() <= DS_BLOCK_ELEMS:
-                return F.linear(x, GatedWeight.apply(weight, delta, score, is_open), bias)
+                # not_a_view: F.linear returns a view for a 3-D x; FSDP2 warns about in-place ops
+                # on views (the custom op's outputs follow the same rule)
+                return not_a_view(F.linear(x, GatedWeight.apply(weight, delta, score, is_open), bias))
         return _LinearFunction.apply(x, weight, delta, score, bias, threshold)
     if path == FORMULA:
         return taps_linear_ref(x, weight, delta, score, bias, float(threshold))
