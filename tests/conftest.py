@@ -17,14 +17,16 @@ def triton_poisoned(monkeypatch):
     """The Triton backend forced, every buffer its launchers allocate NaN-filled first (so an
     element a kernel fails to write fails the comparison) and, on a GPU, fp32 as TF32 (the tests'
     fp32 bound accounts for it)."""
+    import contextlib
+
     import torch
 
     from taps_fast import dispatch
     from taps_fast.kernels import _common as kcommon  # imports triton
 
+    from helpers import tf32_allowed
+
     monkeypatch.setattr(kcommon, "POISON_OUTPUTS", True)
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    with dispatch.use_backend("triton"):
+    tf32 = tf32_allowed(True) if torch.cuda.is_available() else contextlib.nullcontext()
+    with tf32, dispatch.use_backend("triton"):
         yield

@@ -1,4 +1,6 @@
 """Shared test helpers. The relative error bounds per dtype live here and only here."""
+import contextlib
+
 import torch
 
 # Max |actual - expected| / max(|expected|_max, tiny), compared with a float64 oracle.
@@ -47,6 +49,36 @@ def assert_scaled_close(actual, expected, scale, dtype, what=""):
     err = float(((a - expected.double()).abs() / s.clamp_min(1e-6 * float(s.max()) + 1e-30)).max())
     bound = RTOL[dtype]
     assert err <= bound, f"{what}: relative error {err:.3g} > bound {bound:.3g} for {dtype}"
+
+
+@contextlib.contextmanager
+def tf32_allowed(on: bool = True):
+    """torch's TF32 switches for matmul and cuDNN set to ``on`` inside the block, restored after.
+    (pytest's monkeypatch cannot restore them: torch.backends.cuda.matmul is a module proxy whose
+    attributes live behind __getattr__, and pytest 9 then deletes the attribute on undo.)"""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = on
+        yield
+    finally:
+        for f, b in zip(flags, before):
+            f.allow_tf32 = b
+
+
+def triton_device():
+    """Where the forced Triton backend can run a test's tensors: the GPU when there is one, the
+    CPU under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU), else
+    None. A test that forces "triton" on CPU tensors fails on a GPU machine, where the
+    interpreter is off and the backend refuses CPU tensors."""
+    from taps_fast.ops import triton_backend
+
+    if triton_backend.available() is not None:
+        return None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if triton_backend._interpret() else None
 
 
 def skip_module_without_triton() -> None:

@@ -10,6 +10,7 @@ The task table of most cases (T = 5, S = 5 delta slots):
     task 2  open score, no slot   slot 4  belongs to no task
 plus base rows (-1); the rows' ids are interleaved (not sorted by task).
 """
+import contextlib
 import math
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from taps_fast import dispatch
 from taps_fast.ops import triton_backend
-from helpers import assert_scaled_close
+from helpers import assert_scaled_close, tf32_allowed
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -34,9 +35,8 @@ TABLE = dict(slot=[2, 0, -1, 1, 3], opens=[True, False, True, True, True], S=5, 
 @pytest.fixture(autouse=True)
 def _triton_poisoned(monkeypatch):
     monkeypatch.setattr(kcommon, "POISON_OUTPUTS", True)
-    if CUDA:  # fp32 through the kernels is TF32; the fp32 bound below accounts for it
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    with dispatch.use_backend("triton"):
+    # on a GPU fp32 through the kernels is TF32; the fp32 bound below accounts for it
+    with tf32_allowed(True) if CUDA else contextlib.nullcontext(), dispatch.use_backend("triton"):
         yield
 
 

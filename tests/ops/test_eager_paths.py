@@ -11,6 +11,7 @@ import taps_fast
 from taps_fast import dispatch
 from taps_fast.modules import TAPSConv2d, TAPSLinear
 from taps_fast.ops import _common, conv, linear
+from helpers import tf32_allowed
 from taps_fast.ops._common import AUTOGRAD, CUSTOM_OP, DIRECT, FORMULA, common_ok, eager_path, gate_is_open
 
 D = torch.float64
@@ -69,19 +70,16 @@ def test_registry_and_torch_flags_invalidate_the_choice():
         why_not=lambda op, **m: None if torch.backends.cuda.matmul.allow_tf32 else "TF32 is off")
     dispatch.register_backend(probe)
     cuda = dict(device=torch.device("cuda"), dtype=torch.float32, rows=100, numel=6400)
-    matmul = torch.backends.cuda.matmul  # a module proxy: monkeypatch cannot restore its flags
-    before = matmul.allow_tf32
     try:
         with dispatch.use_backend("probe"):
-            matmul.allow_tf32 = True
-            assert dispatch.select("linear_fwd", **cuda) is probe
-            matmul.allow_tf32 = False
-            with pytest.raises(dispatch.NoBackendError, match="probe: TF32 is off"):
-                dispatch.select("linear_fwd", **cuda)
-            matmul.allow_tf32 = True
-            assert dispatch.select("linear_fwd", **cuda) is probe
+            with tf32_allowed(True):
+                assert dispatch.select("linear_fwd", **cuda) is probe
+            with tf32_allowed(False):
+                with pytest.raises(dispatch.NoBackendError, match="probe: TF32 is off"):
+                    dispatch.select("linear_fwd", **cuda)
+            with tf32_allowed(True):
+                assert dispatch.select("linear_fwd", **cuda) is probe
     finally:
-        matmul.allow_tf32 = before
         dispatch.unregister_backend("probe")
     assert "probe" not in dispatch.backend_names()
     with pytest.raises(dispatch.NoBackendError, match="unknown taps_fast backend 'probe'"):

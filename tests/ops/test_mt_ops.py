@@ -1,13 +1,15 @@
 """The multi-task ops (taps_mt_linear / taps_mt_conv2d) through the dispatcher: the reference
 (CPU) backend in float64 and the Triton backend under the interpreter, each against the
 autograd oracle (taps_mt_*_ref), on sorted and interleaved batches."""
+import contextlib
+
 import pytest
 import torch
 
 from taps_fast import NoBackendError, taps_mt_conv2d, taps_mt_conv2d_ref, taps_mt_linear, taps_mt_linear_ref, use_backend
 from taps_fast.ops import triton_backend
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, tf32_allowed, triton_device
 
 # Task layout: 0 open, 1 no delta, 2 open, 3 closed with a delta, 4 open but absent from batches.
 SLOT = torch.tensor([0, -1, 2, 1, 3])
@@ -28,14 +30,15 @@ def stack(shape, dtype, seed=0):
     return w.to(dtype), d.to(dtype), s.to(dtype), torch.full((5,), 0.1, dtype=dtype)
 
 
-def grads(fn, x, w, d, s, b, ids):
-    x, d, s = (t.detach().clone().requires_grad_() for t in (x, d, s))
-    w = w.detach().clone().requires_grad_()
-    b = b.detach().clone().requires_grad_()
-    y = fn(x, ids, w, d, SLOT, s, torch.full_like(s, 0.1), b)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(y.dtype)
+def grads(fn, x, w, d, s, b, ids, device=None):
+    """y and the gradients of (x, W, ΔW, s, b) for a fixed dy, computed on ``device`` (default:
+    where x is), returned on the CPU."""
+    device = device or x.device
+    x, d, s, w, b = (t.detach().to(device).clone().requires_grad_() for t in (x, d, s, w, b))
+    y = fn(x, ids.to(device), w, d, SLOT.to(device), s, torch.full_like(s, 0.1), b)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device, y.dtype)
     out = torch.autograd.grad(y, (x, w, d, s, b), gy)
-    return (y,) + out
+    return tuple(t.cpu() for t in (y,) + out)
 
 
 @pytest.mark.parametrize("layout", list(IDS))
@@ -108,7 +111,11 @@ triton_ok = pytest.mark.skipif(triton_backend.available() is not None, reason="t
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("op", ["linear", "conv"])
 def test_triton_backend_matches_oracle(op, dtype):
-    """The Triton kernels through the op and its autograd (forced under the interpreter)."""
+    """The Triton kernels through the op and its autograd, forced: on the GPU where there is one,
+    else on the CPU under the interpreter."""
+    device = triton_device()
+    if device is None:
+        pytest.skip("the triton backend cannot run here (no GPU, no TRITON_INTERPRET=1)")
     ids = IDS["interleaved"]
     if op == "linear":
         w, d, s, _ = stack((17, 20), dtype)
@@ -122,8 +129,10 @@ def test_triton_backend_matches_oracle(op, dtype):
         fn = lambda *a: taps_mt_conv2d(*a, padding=1)  # noqa: E731
         ref = lambda *a: taps_mt_conv2d_ref(*a, padding=1)  # noqa: E731
     x, b = x.to(dtype), b.to(dtype)  # the oracle gets the same rounded inputs
-    with use_backend("triton"):
-        got = grads(fn, x, w, d, s, b, ids)
+    # on a GPU fp32 runs as TF32 only where torch allows it; RTOL's fp32 bound covers TF32 there
+    tf32 = tf32_allowed(True) if device.type == "cuda" else contextlib.nullcontext()
+    with tf32, use_backend("triton"):
+        got = grads(fn, x, w, d, s, b, ids, device)
     want = grads(ref, x.double(), w.double(), d.double(), s.double(), b.double(), ids)
     for name, a, e in zip(("y", "dx", "dW", "dΔW", "ds", "db"), got, want):
         assert_rel_close(a, e, dtype, f"{op} {name}")

@@ -131,3 +131,22 @@ def test_small_suite_refuses_a_wrong_provider(monkeypatch):
     provs["authors"] = lambda i: torch.zeros(2, 16)
     with pytest.raises(RuntimeError, match="provider 'authors' disagrees"):
         bench_small.check_agree(lay, provs)
+
+
+def test_small_suite_providers_never_read_the_ids_on_the_host(monkeypatch):
+    """On CUDA the small suite's rounds are captured in a CUDA graph, where a host read of the
+    task ids (the range check of taps_mt_linear) fails the capture: the providers that go
+    through taps_mt_linear pass check_ids=False, as MultiTaskModel does."""
+    from taps_fast.bench import small as bench_small
+
+    lay = bench_small.Layers(3, 16, 16, 2, torch.float32, torch.device("cpu"), 1 << 16)
+    provs = bench_small.providers(lay, torch.device("cpu"))
+
+    def host_read(*a, **k):
+        raise AssertionError("the task ids were range-checked on the host")
+
+    monkeypatch.setattr("taps_fast.ops._mt_common.check_task_ids", host_read)
+    for name in ("taps", "triton"):
+        if name in provs:
+            provs[name](0)
+    bench_small.check_agree(lay, provs)
