@@ -51,8 +51,10 @@ def _extensions():
     link = ["-fopenmp"]
     macros = [("TAPS_FAST_TORCH_VERSION", f'"{torch.__version__}"')]
     if with_cuda:
-        # sm_80 (A100) and sm_90 (H100/H200): the cards the kernels are written and tuned for.
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        # sm_80 (A100) and sm_90 (H100/H200): the cards the kernels are written and tuned for;
+        # +PTX embeds sm_90's PTX too, which the driver compiles for any newer GPU (without it a
+        # newer card fails with "no kernel image"; the cuda backend checks the capability).
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         # No --use_fast_math: the kernels only multiply-add, and fast-math would flush fp32
         # denormals in the accumulators, which the CPU path and torch do not.
         args["nvcc"] = ["-O3", "-lineinfo"]

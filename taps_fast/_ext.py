@@ -53,6 +53,34 @@ def build_info() -> dict:
     return dict(mod.build_info()) if mod is not None else {}
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_archs() -> Tuple[Tuple[int, int, bool], ...]:
+    """The GPU architectures the extension's CUDA kernels were built for, as (major, minor, ptx):
+    "8.0;9.0+PTX" gives ((8, 0, False), (9, 0, True)), the second also embedding PTX, which the
+    driver compiles for any newer GPU. () without a CUDA part."""
+    out = []
+    for a in build_info().get("cuda_archs", "").replace(" ", ";").split(";"):
+        if a:
+            num, _, ptx = a.partition("+")
+            major, _, minor = num.partition(".")
+            out.append((int(major), int(minor or 0), ptx.upper() == "PTX"))
+    return tuple(out)
+
+
+def cuda_arch_reason(capability: Tuple[int, int]) -> Optional[str]:
+    """None when the built CUDA kernels run on a GPU of this compute capability, else why not: a
+    cubin runs on its own major version at the same or a higher minor one, PTX on any GPU at or
+    above its architecture (the driver compiles it at first use)."""
+    archs = cuda_archs()
+    major, minor = capability
+    for a_major, a_minor, ptx in archs:
+        if (a_major == major and a_minor <= minor) or (ptx and (a_major, a_minor) <= (major, minor)):
+            return None
+    built = ", ".join(f"sm_{a}{b}" + ("+PTX" if p else "") for a, b, p in archs) or "no GPU architecture"
+    return (f"taps_fast._C's CUDA kernels are built for {built}, not for this GPU (sm_{major}{minor}); "
+            f"rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+
+
 def _register_fakes() -> None:
     """Meta kernels for the C++ ops, so they trace under torch.compile and pass opcheck."""
     def small_linear_fake(x, weight, delta, score, bias, threshold):

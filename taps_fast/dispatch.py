@@ -13,8 +13,8 @@ Dispatch happens inside the custom ops' real kernels (and the eager paths), at r
 invisible to torch.compile (the fake kernels do not depend on the backend).
 
 Choices are cached. A choice depends on the op, the call's metadata, the forced backend, the
-environment variables and the torch flags backends read (TAPS_FAST_BACKEND, TRITON_INTERPRET, and
-on CUDA the TF32 flags) and on the registry: the cache key holds all of them but the registry,
+environment variables and the torch flags backends read (TAPS_FAST_BACKEND, TAPS_FAST_DISABLE,
+TRITON_INTERPRET, and on CUDA the TF32 flags) and on the registry: the cache key holds all of them but the registry,
 whose changes clear it, so a changed flag or variable takes effect at the next call. A cached
 choice costs 1.4 µs through select() and 0.4 µs through select_cached() (the ops' own calls)
 against 7.9 µs for asking every backend (2-core x86_64, no GPU, torch 2.14.1), a call of
@@ -32,6 +32,9 @@ import torch
 OPS = ("linear_fwd", "linear_bwd", "conv2d_fwd", "conv2d_bwd",
        "mt_linear_fwd", "mt_linear_bwd", "mt_conv2d_fwd", "mt_conv2d_bwd")
 ENV_VAR = "TAPS_FAST_BACKEND"
+# A comma-separated list of backends never to use, e.g. TAPS_FAST_DISABLE=cuda on a GPU whose
+# compiled kernels misbehave: every other backend still serves, in its usual order.
+DISABLE_VAR = "TAPS_FAST_DISABLE"
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Backend:
     available: Callable[[], Optional[str]] = lambda: None  # None, or why it is not installed
 
     def reason(self, op: str, forced: bool = False, **meta) -> Optional[str]:
+        if self.name in disabled_backends():
+            return f"disabled by {DISABLE_VAR}"
         missing = self.available()
         if missing is not None:
             return missing
@@ -76,6 +81,7 @@ def _env_reader(name: str) -> Callable[[], Optional[str]]:
 
 _env_backend = _env_reader(ENV_VAR)
 _env_interpret = _env_reader("TRITON_INTERPRET")
+_env_disable = _env_reader(DISABLE_VAR)
 
 
 class NoBackendError(RuntimeError):
@@ -106,6 +112,16 @@ def backends() -> List[Backend]:
 
 def backend_names() -> List[str]:
     return [b.name for b in _REGISTRY]
+
+
+def disabled_backends() -> frozenset:
+    """The backends named in TAPS_FAST_DISABLE (comma-separated); an unknown name is refused."""
+    names = frozenset(n.strip() for n in (_env_disable() or "").split(",") if n.strip())
+    unknown = sorted(names - set(backend_names()))
+    if unknown:
+        raise NoBackendError(f"unknown taps_fast backend(s) {', '.join(map(repr, unknown))} in "
+                             f"{DISABLE_VAR}; known: {', '.join(backend_names())}")
+    return names
 
 
 def forced_backend() -> Optional[str]:
@@ -148,7 +164,7 @@ def select(op: str, **meta) -> Backend:
     """The first backend (in priority order; only the forced one if one is forced) that can
     serve this call. Cached (module docstring); raises NoBackendError listing every backend's
     reason when none can."""
-    key = (op, _forced[0], _env_backend(), _env_interpret(), _torch_flags(meta.get("device")),
+    key = (op, _forced[0], _env_backend(), _env_interpret(), _env_disable(), _torch_flags(meta.get("device")),
            *meta.items())
     try:
         return _CHOICES[key]
@@ -169,7 +185,7 @@ def select_cached(op: str, key: tuple, make_meta: Callable[[], dict]) -> Backend
     ``make_meta()`` builds that metadata, only when the choice is not cached yet. Building the
     metadata dict and select()'s key costs 2.1 µs a call of a small layer against 0.9 µs for the
     tuple and this lookup (2-core x86_64, no GPU, torch 2.14.1). The cache rules are select()'s."""
-    k = (op, _forced[0], _env_backend(), _env_interpret(), key)
+    k = (op, _forced[0], _env_backend(), _env_interpret(), _env_disable(), key)
     if not key[0]:  # not the CPU: the TF32 switches may change the answer (CUDA)
         k = k + (_torch_flags("cuda"),)
     backend = _CHOICES.get(k)

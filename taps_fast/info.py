@@ -62,11 +62,12 @@ def report(device: Optional[torch.device] = None) -> str:
         kv.append(("CUDA", f"not available ({built})"))
     kv.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "(unset)")))
     kv.append((dispatch.ENV_VAR, os.environ.get(dispatch.ENV_VAR, "(unset)")))
+    kv.append((dispatch.DISABLE_VAR, os.environ.get(dispatch.DISABLE_VAR, "(unset)")))
     mod, why = _ext.load()
     if mod is not None:
         bi = _ext.build_info()
         kv.append(("compiled extension", f"loaded ({getattr(mod, '__file__', mod)}), built against torch {bi.get('torch')}"))
-        archs = ", ".join(f"sm_{a.replace('.', '')}" for a in bi.get("cuda_archs", "").replace(" ", ";").split(";") if a)
+        archs = ", ".join(f"sm_{a}{b}" + ("+PTX" if p else "") for a, b, p in _ext.cuda_archs())
         kv.append(("  C++ CPU kernels", "built (backend 'cpp')"))
         kv.append(("  CUDA kernels", f"built for {archs} (backend 'cuda')" if bi.get("cuda")
                    else "not built (no nvcc or a CPU-only torch at build time, or TAPS_FAST_NO_CUDA=1)"))

@@ -26,12 +26,14 @@ constexpr int kMaxMB = 16;
 // Score dtype codes (the gate tensors may have any float dtype, whatever x's dtype is).
 enum ScoreCode : int { kScoreF32 = 0, kScoreF16 = 1, kScoreBF16 = 2, kScoreF64 = 3 };
 
-__device__ __forceinline__ float read_score(const void* p, int code, int64_t i) {
+// A gate value (score or threshold) in double: exact for every score dtype, so s >= τ compares
+// as torch does in the score's dtype (an fp64 score in double, not rounded to float first).
+__device__ __forceinline__ double read_score(const void* p, int code, int64_t i) {
   switch (code) {
-    case kScoreF16: return __half2float(static_cast<const __half*>(p)[i]);
-    case kScoreBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    case kScoreF64: return static_cast<float>(static_cast<const double*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
+    case kScoreF16: return static_cast<double>(__half2float(static_cast<const __half*>(p)[i]));
+    case kScoreBF16: return static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
+    case kScoreF64: return static_cast<const double*>(p)[i];
+    default: return static_cast<double>(static_cast<const float*>(p)[i]);
   }
 }
 

@@ -55,7 +55,7 @@ template <typename T, int MB, int R, int U, int VEC>
 __device__ __forceinline__ void small_linear_body(const T* __restrict__ x, const T* __restrict__ W,
                                                   const T* __restrict__ D,
                                                   const T* __restrict__ bias, T* __restrict__ y,
-                                                  const void* score, int score_code, float thr,
+                                                  const void* score, int score_code, double thr,
                                                   int64_t M, int64_t N, int64_t K, int ksplit,
                                                   int64_t m_base) {
   __shared__ float red[kWarps][MB * R];
@@ -69,11 +69,11 @@ __device__ __forceinline__ void small_linear_body(const T* __restrict__ x, const
   const int64_t n0 = n_block0 + static_cast<int64_t>(group) * R;
 
   // The gate, read on the device (every thread reads the same word: one broadcast load).
-  const float s = read_score(score, score_code, 0);
+  const double s = read_score(score, score_code, 0);
   const bool open = s >= thr;
   // NaN score or threshold: NaN rows (the s - s of the Triton kernels, restricted to NaN, so an
   // infinite threshold, a legitimate "never open", does not poison).
-  if (threadIdx.x < MB) poison_s[threadIdx.x] = (isnan(s) || isnan(thr)) ? s + thr : 0.f;
+  if (threadIdx.x < MB) poison_s[threadIdx.x] = (isnan(s) || isnan(thr)) ? static_cast<float>(s + thr) : 0.f;
 
   int64_t rowoff[R];  // rows past N are clamped to N - 1 (valid memory; never stored)
 #pragma unroll
@@ -105,7 +105,7 @@ template <typename T, int MB, int R, int U, int VEC>
 __global__ void __launch_bounds__(cuda_detail::kThreads, 1)
 _taps_small_linear_fwd_kernel(const T* __restrict__ x, const T* __restrict__ W,
                               const T* __restrict__ D, const T* __restrict__ bias,
-                              T* __restrict__ y, const void* score, int score_code, float thr,
+                              T* __restrict__ y, const void* score, int score_code, double thr,
                               int64_t M, int64_t N, int64_t K, int ksplit, int64_t m_base) {
   cuda_detail::small_linear_body<T, MB, R, U, VEC>(x, W, D, bias, y, score, score_code, thr, M, N,
                                                    K, ksplit, m_base);
@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(cuda_detail::kThreads, 1)
 _taps_small_linear_fwd_scalar_kernel(const T* __restrict__ x, const T* __restrict__ W,
                                      const T* __restrict__ D, const T* __restrict__ bias,
                                      T* __restrict__ y, const void* score, int score_code,
-                                     float thr, int64_t M, int64_t N, int64_t K, int ksplit,
+                                     double thr, int64_t M, int64_t N, int64_t K, int ksplit,
                                      int64_t m_base) {
   cuda_detail::small_linear_body<T, MB, R, U, 1>(x, W, D, bias, y, score, score_code, thr, M, N, K,
                                                  ksplit, m_base);
@@ -136,7 +136,7 @@ struct SingleArgs {
   T* y;
   const void* score;
   int score_code;
-  float thr;
+  double thr;
   int64_t M, N, K;
 };
 

@@ -42,12 +42,13 @@ inline int score_code(at::ScalarType t) {
 }
 
 // τ rounded to the score's dtype, as torch compares s >= τ in s's dtype (and as the Triton
-// kernels do), then compared with the score in fp32.
-inline float threshold_in(double threshold, at::ScalarType score_dtype) {
+// kernels and the CPU do), then compared with the score in double (exact for every dtype).
+inline double threshold_in(double threshold, at::ScalarType score_dtype) {
   switch (score_dtype) {
-    case at::kHalf: return static_cast<float>(c10::Half(static_cast<float>(threshold)));
-    case at::kBFloat16: return static_cast<float>(c10::BFloat16(static_cast<float>(threshold)));
-    default: return static_cast<float>(threshold);
+    case at::kHalf: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(threshold))));
+    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(threshold))));
+    case at::kDouble: return threshold;
+    default: return static_cast<double>(static_cast<float>(threshold));
   }
 }
 

@@ -64,9 +64,9 @@ __device__ __forceinline__ void small_mt_linear_body(
         if (s < -1 || s >= num_slots) {
           poison = __int_as_float(0x7fc00000);  // bad slot: NaN row
         } else {
-          const float sc = read_score(scores, score_code, t);
-          const float th = read_score(thresholds, score_code, t);
-          poison = (isnan(sc) || isnan(th)) ? sc + th : 0.f;  // NaN gate: NaN rows
+          const double sc = read_score(scores, score_code, t);
+          const double th = read_score(thresholds, score_code, t);
+          poison = (isnan(sc) || isnan(th)) ? static_cast<float>(sc + th) : 0.f;  // NaN gate: NaN rows
           if (s >= 0 && sc >= th) sl = static_cast<int>(s);
         }
       }

@@ -69,6 +69,11 @@ def why_not_cuda(op: str, device: torch.device, dtype: torch.dtype, rows: Option
     device = torch.device(device)
     if device.type != "cuda":
         return f"CUDA tensors only (got {device.type}; the C++ CPU kernels are the 'cpp' backend)"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    arch = _ext.cuda_arch_reason(torch.cuda.get_device_capability(device))
+    if arch is not None:  # e.g. a GPU newer than the build without PTX: "no kernel image" otherwise
+        return arch
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {dtype} is not supported (fp32, fp16, bf16)"
     if numel > INT32_MAX:

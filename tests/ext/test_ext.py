@@ -50,8 +50,7 @@ def test_extension_built_with_every_part_the_machine_allows():
     assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
     if want["cuda"]:
         assert info["cuda"], "nvcc and a CUDA-enabled torch are present but the CUDA part was not built"
-        archs = info["cuda_archs"].replace(" ", ";").split(";")
-        assert "8.0" in archs and "9.0" in archs, info
+        assert (8, 0, False) in _ext.cuda_archs() and (9, 0, True) in _ext.cuda_archs(), info
 
 
 def test_info_reports_the_extension():
@@ -328,3 +327,28 @@ def test_cuda_kernels_never_sync_and_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     for o, e in zip(outs, want):
         torch.testing.assert_close(o, e, rtol=0, atol=0)
+
+
+def test_cuda_backend_checks_the_compute_capability(monkeypatch):
+    """The cuda backend serves only GPUs its build runs on: a cubin on its own major version at
+    the same or a higher minor, PTX on anything newer; else the reason names the build and the
+    GPU (instead of "no kernel image" at the first launch)."""
+    monkeypatch.setattr(_ext, "cuda_archs", lambda: ((8, 0, False), (9, 0, True)))
+    for cap in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        assert _ext.cuda_arch_reason(cap) is None, cap
+    for cap in ((7, 5), (7, 0)):
+        why = _ext.cuda_arch_reason(cap)
+        assert f"sm_{cap[0]}{cap[1]}" in why and "sm_80, sm_90+PTX" in why
+    monkeypatch.setattr(_ext, "cuda_archs", lambda: ((8, 0, False), (9, 0, False)))
+    assert "rebuild with TORCH_CUDA_ARCH_LIST including 10.0" in _ext.cuda_arch_reason((10, 0))
+    assert _ext.cuda_arch_reason((9, 0)) is None
+    monkeypatch.setattr(_ext, "cuda_archs", lambda: ())
+    assert "no GPU architecture" in _ext.cuda_arch_reason((9, 0))
+    # through the backend: a GPU the build cannot run is refused with that reason
+    from taps_fast.ops import ext_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(_ext, "cuda_archs", lambda: ((8, 0, False), (9, 0, True)))
+    why = ext_backend.why_not_cuda("linear_fwd", torch.device("cuda", 0), torch.float16, rows=1)
+    assert why is not None and "sm_75" in why

@@ -306,3 +306,31 @@ def test_layout_helpers_match_torch():
 def test_functional_api_still_plain_without_delta():
     x, w, b = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4)
     assert torch.equal(taps_fast.taps_linear(x, w, None, torch.tensor(0.0), b), F.linear(x, w, b))
+
+
+# ----------------------------------------------------------------------------- TAPS_FAST_DISABLE
+def test_disabled_backends_are_skipped_and_named(monkeypatch):
+    """TAPS_FAST_DISABLE=cpp: a few-row CPU linear goes to the next backend (reference) at the next
+    call, with the same values; every backend disabled: the error names the variable; a forced
+    backend that is also disabled cannot serve; an unknown name is refused."""
+    meta = dict(device=torch.device("cpu"), dtype=torch.float32, rows=1, numel=64)
+    auto = dispatch.select("linear_fwd", **meta).name
+    m, x = TAPSLinear(8, 4), torch.randn(1, 8)
+    with torch.no_grad():
+        m.delta.normal_()
+    y_auto = m(x)
+    monkeypatch.setenv("TAPS_FAST_DISABLE", f" {auto} ,")
+    assert dispatch.select("linear_fwd", **meta).name != auto
+    assert dispatch.reasons("linear_fwd", **meta)[auto] == "disabled by TAPS_FAST_DISABLE"
+    torch.testing.assert_close(m(x), y_auto, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("TAPS_FAST_DISABLE", ",".join(dispatch.backend_names()))
+    with pytest.raises(dispatch.NoBackendError, match="reference: disabled by TAPS_FAST_DISABLE"):
+        m(x)
+    monkeypatch.setenv("TAPS_FAST_DISABLE", "reference")
+    with dispatch.use_backend("reference"), pytest.raises(dispatch.NoBackendError, match="disabled"):
+        m(x)
+    monkeypatch.setenv("TAPS_FAST_DISABLE", "cpp,nope")
+    with pytest.raises(dispatch.NoBackendError, match="unknown taps_fast backend.*'nope' in TAPS_FAST_DISABLE"):
+        dispatch.select("conv2d_fwd", device=torch.device("cpu"), dtype=torch.float64, groups=1, numel=1)
+    monkeypatch.delenv("TAPS_FAST_DISABLE")
+    assert dispatch.select("linear_fwd", **meta).name == auto
