@@ -84,32 +84,59 @@ def alloc_like(t):
 EPI_N, EPI_K = 32, 64
 
 
+# TAPS_FAST_AUTOTUNE=first: each autotuner keeps only the first tile of each element size, so a
+# kernel compiles once per key instead of 2-4 times (a smoke run that must cover every kernel and
+# path in minutes; the tiles are then not tuned). Read when the kernels are defined.
+AUTOTUNE_FIRST = os.environ.get("TAPS_FAST_AUTOTUNE", "all") == "first"
+
+def config_signature(c) -> tuple:
+    """What identifies a tile config: its block sizes, warps and stages (all a config rebuilt
+    from its fields keeps: Triton's autotune disk cache reloads configs as Config(**fields))."""
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
+
+
+def _family_tiles(family: dict):
+    """(size, tile) for every tile of a family that the autotuners use."""
+    return [(size, t) for size in sorted(family) for t in (family[size][:1] if AUTOTUNE_FIRST else family[size])]
+
+
 def mm_configs(family: dict, m="BLOCK_M", n="BLOCK_N", k="BLOCK_K"):
-    """Autotune configs for every element size of a family; each remembers its element size
-    (``taps_elem_size``) and prune_by_dtype keeps those of the call's input dtype."""
+    """Autotune configs for every element size of a family, each tile once (families list the
+    same tiles for several sizes); prune_by_dtype keeps those listed for the call's input dtype."""
     if INTERPRET:
         return [triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
                 for bm, bn, bk, w, s in INTERPRET_TILES]
-    out = []
-    for size in sorted(family):
-        for bm, bn, bk, w, s in family[size]:
-            c = triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
-            c.taps_elem_size = size
-            out.append(c)
-    return out
+    out = {}
+    for _, (bm, bn, bk, w, s) in _family_tiles(family):
+        c = triton.Config({m: bm, n: bn, k: bk}, num_warps=w, num_stages=s)
+        out.setdefault(config_signature(c), c)
+    return list(out.values())
 
 
-def prune_by_dtype(arg: str):
-    """early_config_prune for the autotuner: keep the configs made for the element size of the
-    tensor argument ``arg`` (the interpreter's single config is kept)."""
+def prune_by_dtype(arg: str, family: dict, m="BLOCK_M", n="BLOCK_N", k="BLOCK_K"):
+    """early_config_prune for the autotuner: keep the configs the family lists for the element
+    size of the tensor argument ``arg``, recognised by their fields (config_signature), so
+    configs reloaded from Triton's disk cache prune as the originals (the interpreter's single
+    config is kept)."""
+    allowed: dict = {}
+    for size, (bm, bn, bk, w, s) in _family_tiles(family):
+        allowed.setdefault(size, set()).add(config_signature(triton.Config({m: bm, n: bn, k: bk}, num_warps=w,
+                                                                           num_stages=s)))
 
     def prune(configs, named_args, **kwargs):
         size = named_args[arg].element_size()
-        keep = [c for c in configs if getattr(c, "taps_elem_size", size) == size]
+        keep = [c for c in configs if config_signature(c) in allowed.get(size, ())]
         return keep or configs
 
     prune.arg = arg  # checked against the kernel's arguments by the tests
+    prune.family, prune.names = family, (m, n, k)  # for the tests and the static check
     return prune
+
+
+def tile_autotune(family: dict, arg: str, m="BLOCK_M", n="BLOCK_N", k="BLOCK_K") -> dict:
+    """triton.autotune's configs and prune for a tile family, pruned by ``arg``'s element size."""
+    return dict(configs=mm_configs(family, m, n, k),
+                prune_configs_by={"early_config_prune": prune_by_dtype(arg, family, m, n, k)})
 
 
 def dot_precision(dtype) -> str:

@@ -39,10 +39,9 @@ from ._common import (
     finish_wgrad,
     gate,
     grouped_tile,
-    mm_configs,
     num_sms,
     pick_split,
-    prune_by_dtype,
+    tile_autotune,
     split_range,
     gate_operands,
     threshold_in,
@@ -155,8 +154,7 @@ def conv_wgrad_rows(acc, db, dy_ptr, x_ptr, order_ptr, start, r_lo, r_hi, rn, c,
     return acc, db
 
 
-@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.autotune(**tile_autotune(CONV_TILES, "x_ptr"), key=_KEY)
 @triton.jit
 def _taps_conv2d_fwd_kernel(
     x_ptr, w_ptr, d_ptr, s_ptr, b_ptr, y_ptr,
@@ -188,8 +186,7 @@ def _taps_conv2d_fwd_kernel(
     tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < OC))
 
 
-@triton.autotune(configs=mm_configs(CONV_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("dy_ptr")})
+@triton.autotune(**tile_autotune(CONV_TILES, "dy_ptr"), key=_KEY)
 @triton.jit
 def _taps_conv2d_dgrad_kernel(
     dy_ptr, w_ptr, d_ptr, s_ptr, dx_ptr,
@@ -219,8 +216,7 @@ def _taps_conv2d_dgrad_kernel(
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < C))
 
 
-@triton.autotune(configs=mm_configs(CONV_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+@triton.autotune(**tile_autotune(CONV_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
                  reset_to_zero=["part_ptr"])  # see PARTIALS_RESET in _common.py
 @triton.jit
 def _taps_conv2d_wgrad_kernel(

@@ -36,18 +36,16 @@ from ._common import (
     finish_wgrad,
     gate,
     grouped_tile,
-    mm_configs,
     num_sms,
     pick_split,
-    prune_by_dtype,
+    tile_autotune,
     split_range,
     gate_operands,
     threshold_in,
     wgrad_epilogue,
 )
 
-@triton.autotune(configs=mm_configs(FWD_TILES), key=["M", "N", "K", "SPLIT_K"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.autotune(**tile_autotune(FWD_TILES, "x_ptr"), key=["M", "N", "K", "SPLIT_K"])
 @triton.jit
 def _taps_linear_fwd_kernel(
     x_ptr, w_ptr, d_ptr, s_ptr, b_ptr, y_ptr,
@@ -86,8 +84,7 @@ def _taps_linear_fwd_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
-@triton.autotune(configs=mm_configs(WGRAD_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=["M", "N", "K", "SPLIT"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+@triton.autotune(**tile_autotune(WGRAD_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=["M", "N", "K", "SPLIT"],
                  reset_to_zero=["part_ptr"])  # see PARTIALS_RESET in _common.py
 @triton.jit
 def _taps_linear_wgrad_kernel(

@@ -76,8 +76,7 @@ from ._common import (
     group_rows,
     grouped_tile,
     max_tiles,
-    mm_configs,
-    prune_by_dtype,
+    tile_autotune,
     task_gate,
     task_of_slot,
     wgrad_epilogue,
@@ -148,8 +147,7 @@ def _reload_samples(seg, tile, rows, order_ptr, seg_start_ptr, P, BLOCK_M: tl.co
     return tl.load(order_ptr + start + r // P, mask=r < rows, other=0, eviction_policy="evict_last")
 
 
-@triton.autotune(configs=mm_configs(MT_CONV_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.autotune(**tile_autotune(MT_CONV_TILES, "x_ptr"), key=_KEY)
 @triton.jit
 def _taps_mt_conv2d_fwd_kernel(
     x_ptr, w_ptr, d_ptr, slot_ptr, s_ptr, thr_ptr, order_ptr, seg_start_ptr, seg_count_ptr, b_ptr, y_ptr,
@@ -188,8 +186,7 @@ def _taps_mt_conv2d_fwd_kernel(
     tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < OC))
 
 
-@triton.autotune(configs=mm_configs(MT_DGRAD_TILES), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("dy_ptr")})
+@triton.autotune(**tile_autotune(MT_DGRAD_TILES, "dy_ptr"), key=_KEY)
 @triton.jit
 def _taps_mt_conv2d_dgrad_kernel(
     dy_ptr, w_ptr, d_ptr, slot_ptr, s_ptr, thr_ptr, order_ptr, seg_start_ptr, seg_count_ptr, dx_ptr,
@@ -228,8 +225,7 @@ def _taps_mt_conv2d_dgrad_kernel(
 
 # reset_to_zero: the ds partials of a tiling with fewer tiles than the buffer holds must read 0,
 # also after the autotuner benchmarked a config with more tiles (it resets before the final run).
-@triton.autotune(configs=mm_configs(MT_WGRAD_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+@triton.autotune(**tile_autotune(MT_WGRAD_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY,
                  reset_to_zero=["part_ptr"])
 @triton.jit
 def _taps_mt_conv2d_wgrad_kernel(

@@ -65,8 +65,7 @@ from ._common import (
     group_rows,
     grouped_tile,
     max_tiles,
-    mm_configs,
-    prune_by_dtype,
+    tile_autotune,
     task_gate,
     task_of_slot,
     wgrad_epilogue,
@@ -98,8 +97,7 @@ MT_WGRAD_TILES = {
 }
 
 
-@triton.autotune(configs=mm_configs(MT_FWD_TILES), key=["M", "N", "K", "T"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")})
+@triton.autotune(**tile_autotune(MT_FWD_TILES, "x_ptr"), key=["M", "N", "K", "T"])
 @triton.jit
 def _taps_mt_linear_fwd_kernel(
     x_ptr, w_ptr, d_ptr, b_ptr, y_ptr,
@@ -157,8 +155,7 @@ def _taps_mt_linear_fwd_kernel(
              mask=pmask[:, None] & (rn[None, :] < N))
 
 
-@triton.autotune(configs=mm_configs(MT_WGRAD_TILES, "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=["M", "N", "K", "T"],
-                 prune_configs_by={"early_config_prune": prune_by_dtype("x_ptr")},
+@triton.autotune(**tile_autotune(MT_WGRAD_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=["M", "N", "K", "T"],
                  # the ds partials are indexed by tile, whose count differs between configs: zero
                  # them before each benchmarked config and after tuning, so none leaves stale shares
                  reset_to_zero=["part_ptr"])

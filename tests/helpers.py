@@ -67,6 +67,32 @@ def tf32_allowed(on: bool = True):
             f.allow_tf32 = b
 
 
+def check_prune_by_dtype(prune) -> None:
+    """An autotuner's early_config_prune keeps exactly the tiles its family lists for the input's
+    element size: on the configs mm_configs makes for a GPU (each tile once) and on those configs
+    rebuilt as Triton's autotune disk cache rebuilds them, Config(**config.__dict__)."""
+    import triton
+
+    from taps_fast.kernels import _common as kcommon
+
+    interpret = kcommon.INTERPRET
+    kcommon.INTERPRET = False  # the GPU's configs, not the interpreter's single one
+    try:
+        configs = kcommon.mm_configs(prune.family, *prune.names)
+    finally:
+        kcommon.INTERPRET = interpret
+    assert len({kcommon.config_signature(c) for c in configs}) == len(configs)  # each tile once
+    reloaded = [triton.Config(**c.__dict__) for c in configs]
+    names = prune.names
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        size = torch.empty(0, dtype=dtype).element_size()
+        want = sorted(set(prune.family[size]))
+        for cfgs in (configs, reloaded):
+            kept = prune(cfgs, {prune.arg: torch.empty(1, dtype=dtype)})
+            got = sorted(tuple(c.kwargs[k] for k in names) + (c.num_warps, c.num_stages) for c in kept)
+            assert got == want, (dtype, got, want)
+
+
 def triton_device():
     """Where the forced Triton backend can run a test's tensors: the GPU when there is one, the
     CPU under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py without a GPU), else

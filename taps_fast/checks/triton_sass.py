@@ -22,6 +22,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from ._cuobjdump import parse_res_usage, parse_sass, run_cuobjdump
 
 ARCHS = (80, 90)
@@ -145,9 +147,10 @@ def autotune_tiles(spec: Spec, dtype: str) -> list:
     _, tuner = _kernel(spec)
     if tuner is None:
         return [None]
-    size = 4 if dtype == "tf32" else 2
-    return [tuple(c.kwargs[k] for k in spec.tiles) + (c.num_warps, c.num_stages) for c in tuner.configs
-            if getattr(c, "taps_elem_size", size) == size]
+    prune = tuner.early_config_prune  # the kernel's own prune_by_dtype, on a tensor of that size
+    probe = torch.empty(0, dtype=torch.float32 if dtype == "tf32" else torch.float16)
+    kept = prune(tuner.configs, {prune.arg: probe}) if prune is not None else tuner.configs
+    return [tuple(c.kwargs[k] for k in spec.tiles) + (c.num_warps, c.num_stages) for c in kept]
 
 
 def jobs(dtypes: Sequence[str], archs: Sequence[int]) -> list:

@@ -18,7 +18,7 @@ import torch
 
 from taps_fast import dispatch
 from taps_fast.ops import triton_backend
-from helpers import assert_scaled_close, tf32_allowed
+from helpers import assert_scaled_close, check_prune_by_dtype, tf32_allowed
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -247,14 +247,10 @@ def test_grid_depends_on_shapes_only(monkeypatch):
 def test_autotuners_prune_by_an_existing_argument():
     """As test_triton checks for the single-task kernels: the prune argument exists and keeps
     the configs of the input's element size; the G pass zeroes its ds partials between configs."""
-    import types
-
     for at in (kmt._taps_mt_linear_fwd_kernel, kmt._taps_mt_linear_wgrad_kernel):
         prune = at.early_config_prune
         assert prune.arg in at.fn.arg_names
-        cfgs = [types.SimpleNamespace(taps_elem_size=sz) for sz in (2, 2, 4)]
-        for dtype, n in ((torch.float16, 2), (torch.float32, 1)):
-            assert len(prune(cfgs, {prune.arg: torch.empty(1, dtype=dtype)})) == n
+        check_prune_by_dtype(prune)
     assert kmt._taps_mt_linear_wgrad_kernel.reset_to_zero == ["part_ptr"]
 
 

@@ -9,18 +9,20 @@ fails to write fails the comparison (rel_err refuses non-finite values).
 """
 import itertools
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from taps_fast import dispatch, taps_conv2d, taps_conv2d_ref, taps_linear, taps_linear_ref
-from helpers import skip_module_without_triton, RTOL, assert_rel_close, assert_scaled_close
+from helpers import skip_module_without_triton, RTOL, assert_rel_close, assert_scaled_close, check_prune_by_dtype
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 skip_module_without_triton()
 
+from taps_fast.kernels import _common as kcommon  # noqa: E402
 from taps_fast.kernels import conv as kconv  # noqa: E402
 from taps_fast.kernels import linear as klinear  # noqa: E402
 
@@ -263,8 +265,6 @@ def test_autotuners_prune_by_an_existing_argument():
     """The configs are pruned by the element size of a named tensor argument. The interpreter's
     single config never calls the prune function, so check every autotuner statically: the
     argument exists, and pruning keeps exactly the configs of that element size."""
-    import types
-
     from triton.runtime.autotuner import Autotuner
 
     tuners = [(n, getattr(mod, n)) for mod in (klinear, kconv) for n in dir(mod)
@@ -273,10 +273,7 @@ def test_autotuners_prune_by_an_existing_argument():
     for name, at in tuners:
         prune = at.early_config_prune
         assert prune.arg in at.fn.arg_names, f"{name}: prunes by {prune.arg!r}, not an argument"
-        cfgs = [types.SimpleNamespace(taps_elem_size=s) for s in (2, 2, 4)]
-        for dtype, n in ((torch.float16, 2), (torch.bfloat16, 2), (torch.float32, 1)):
-            kept = prune(cfgs, {prune.arg: torch.empty(1, dtype=dtype)})
-            assert len(kept) == n and all(c.taps_elem_size == torch.empty(0, dtype=dtype).element_size() for c in kept)
+        check_prune_by_dtype(prune)
 
 
 def test_autotuned_kernels_reset_their_ds_partials():
@@ -295,3 +292,22 @@ def test_autotuned_kernels_reset_their_ds_partials():
                 assert "part_ptr" in obj.reset_to_zero, f"{mod}.{name} does not reset part_ptr"
                 checked += 1
     assert checked >= 4
+
+
+def test_autotune_first_keeps_one_tile_per_element_size():
+    """TAPS_FAST_AUTOTUNE=first (the GPU smoke run): a fresh interpreter without TRITON_INTERPRET
+    gives each autotuner the first tile of each element size, and the full tables otherwise."""
+    import subprocess
+    import sys
+
+    code = ("from taps_fast.kernels import _common as c, linear as l;"
+            "print(len(l._taps_linear_fwd_kernel.configs), c.AUTOTUNE_FIRST)")
+    counts = {}
+    for mode in ("first", "all"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TAPS_FAST_AUTOTUNE"] = mode
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        counts[mode] = out.stdout.split()
+    # FWD_TILES lists the same first tile for fp16/bf16 and fp32: one config, kept once
+    assert counts["first"] == ["1", "True"]
+    assert counts["all"] == [str(len({t for ts in kcommon.FWD_TILES.values() for t in ts})), "False"]
