@@ -15,12 +15,13 @@ Numerics
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..ops._common import threshold_in as ops_threshold_in
 
 # The interpreter runs kernels on the CPU (numpy); tests use it with small shapes. It must be
 # set before the kernels are decorated, i.e. before this package is imported.
@@ -279,15 +280,8 @@ def gate_as_sign(scores: torch.Tensor, thresholds) -> torch.Tensor:
 
 
 def threshold_in(score, threshold: float) -> float:
-    """τ rounded to the score's dtype (torch compares s >= τ in s's dtype)."""
-    return _rounded(float(threshold), score.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _rounded(threshold: float, dtype) -> float:
-    # Cached: a tensor round trip per launch would cost more host time than the rest of the
-    # launcher on small layers.
-    return float(torch.tensor(threshold, dtype=dtype))
+    """τ rounded to the score's dtype (torch compares s >= τ in s's dtype): ops._common's."""
+    return ops_threshold_in(score.dtype, float(threshold))
 
 
 def finish_wgrad(ws, score, delta, ddelta, dweight, part, split, N, K, C, KW, threshold,

@@ -16,7 +16,7 @@ Choices are cached. A choice depends on the op, the call's metadata, the forced 
 environment variables and the torch flags backends read (TAPS_FAST_BACKEND, TAPS_FAST_DISABLE,
 TRITON_INTERPRET, and on CUDA the TF32 flags) and on the registry: the cache key holds all of them but the registry,
 whose changes clear it, so a changed flag or variable takes effect at the next call. A cached
-choice costs 1.4 µs through select() and 0.4 µs through select_cached() (the ops' own calls)
+choice costs 1.6 µs through select() and 0.4 µs through select_cached() (the ops' own calls)
 against 7.9 µs for asking every backend (2-core x86_64, no GPU, torch 2.14.1), a call of
 nn.Linear on a 64x64 layer taking 5.7 µs.
 """
@@ -153,30 +153,21 @@ def reasons(op: str, **meta) -> Dict[str, Optional[str]]:
     return {b.name: b.reason(op, forced=b.name == forced, **meta) for b in _REGISTRY}
 
 
-def _torch_flags(device) -> tuple:
-    """The torch flags a backend's answer may depend on: the TF32 switches, for CUDA calls."""
-    if getattr(device, "type", device) == "cuda":
-        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    return ()
+def _tf32_flags() -> tuple:
+    """The torch flags a backend's answer may depend on off the CPU: the TF32 switches."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
 
 def select(op: str, **meta) -> Backend:
     """The first backend (in priority order; only the forced one if one is forced) that can
-    serve this call. Cached (module docstring); raises NoBackendError listing every backend's
-    reason when none can."""
-    key = (op, _forced[0], _env_backend(), _env_interpret(), _env_disable(), _torch_flags(meta.get("device")),
-           *meta.items())
+    serve this call. Cached (module docstring), through select_cached with the metadata's items
+    as the key; raises NoBackendError listing every backend's reason when none can."""
+    device = meta.get("device")
+    key = (getattr(device, "type", device) == "cpu", *meta.items())
     try:
-        return _CHOICES[key]
-    except KeyError:
-        pass
+        return select_cached(op, key, lambda: meta)
     except TypeError:  # unhashable metadata: choose without the cache
         return _select(op, meta)
-    backend = _select(op, meta)
-    if len(_CHOICES) >= _CACHE_LIMIT:
-        _CHOICES.clear()
-    _CHOICES[key] = backend
-    return backend
 
 
 def select_cached(op: str, key: tuple, make_meta: Callable[[], dict]) -> Backend:
@@ -184,10 +175,10 @@ def select_cached(op: str, key: tuple, make_meta: Callable[[], dict]) -> Backend
     call's metadata, ``(is_cpu, ...)`` with the device among the rest when not on the CPU, and
     ``make_meta()`` builds that metadata, only when the choice is not cached yet. Building the
     metadata dict and select()'s key costs 2.1 µs a call of a small layer against 0.9 µs for the
-    tuple and this lookup (2-core x86_64, no GPU, torch 2.14.1). The cache rules are select()'s."""
+    tuple and this lookup (2-core x86_64, no GPU, torch 2.14.1). The cache: module docstring."""
     k = (op, _forced[0], _env_backend(), _env_interpret(), _env_disable(), key)
     if not key[0]:  # not the CPU: the TF32 switches may change the answer (CUDA)
-        k = k + (_torch_flags("cuda"),)
+        k = k + (_tf32_flags(),)
     backend = _CHOICES.get(k)
     if backend is None:
         backend = _select(op, make_meta())

@@ -45,11 +45,10 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @functools.lru_cache(maxsize=256)
 def threshold_in(dtype: torch.dtype, threshold: float) -> float:
-    """τ as a score of ``dtype`` holds it (what ``score >= τ`` compares with)."""
+    """τ as a score of ``dtype`` holds it (what ``score >= τ`` compares with). Cached: a tensor
+    round trip per call would cost more host time than the rest of a small layer's call; the
+    Triton launchers use it too."""
     return float(torch.tensor(threshold, dtype=dtype))
-
-
-_TAU: dict = {}  # (score dtype, τ) -> τ as that dtype holds it, for gate_is_open
 
 
 def gate_is_open(score: Tensor, threshold: float, where: str) -> bool:
@@ -66,15 +65,10 @@ def gate_is_open(score: Tensor, threshold: float, where: str) -> bool:
             "the training diverged (check the learning rate and the loss) or the score was "
             "overwritten"
         )
-    key = (score.dtype, threshold)
-    tau = _TAU.get(key)
-    if tau is None:
-        if key[0] not in _FLOAT_DTYPES:
-            return bool(score.detach() >= threshold)
-        if len(_TAU) > 1024:
-            _TAU.clear()
-        tau = _TAU[key] = threshold_in(*key)
-    return s >= tau
+    dtype = score.dtype
+    if dtype in _FLOAT_DTYPES:
+        return s >= threshold_in(dtype, threshold)
+    return bool(score.detach() >= threshold)
 
 
 def check_threshold(threshold: float, where: str, finite: bool = False) -> None:
@@ -202,8 +196,8 @@ class GatedWeight(torch.autograd.Function):
         dΔW = g·G (G itself when open: no copy),  ds = ⟨G, ΔW⟩,  dW = G (only if W needs it).
 
     Measured against one autograd.Function around the whole layer (the custom op's kernels, a
-    Python backward): a TAPSConv2d 16→16 3×3 on 1×16×8×8, forward + backward, 145 µs against
-    198 µs, nn.Conv2d taking 99 µs (2-core x86_64, no GPU, torch 2.14.1).
+    Python backward): a TAPSConv2d 16→16 3×3 on 1×16×8×8, forward + backward, 161 µs against
+    198 µs, nn.Conv2d taking 102 µs (2-core x86_64, no GPU, torch 2.14.1).
 
     Memory: an open layer holds W_eff from the forward to the backward (saved by the op's own
     autograd, as the authors' style holds it); a closed one a view of W. The op's backward forms

@@ -101,8 +101,8 @@ _small_linear = []  # [how linear_fwd calls taps_fast::small_linear], resolved a
 
 def _small_linear_fn():
     """taps_fast::small_linear as the eager kernels call it: taps_fast._C.small_linear, the op
-    through the C++ dispatcher without boxing its arguments (csrc/fast_call.cpp: 1.9 µs against
-    3.2 µs through torch.ops for a 64x64 layer at M = 1, on a 2-core x86_64 machine without a
+    through the C++ dispatcher without boxing its arguments (csrc/fast_call.cpp: 2.2 µs against
+    3.5 µs through torch.ops for a 64x64 layer at M = 1, on a 2-core x86_64 machine without a
     GPU, torch 2.14.1); torch.ops' overload where an older build lacks it. Only the eager kernels
     call it; torch.compile sees the custom ops around them."""
     if not _small_linear:
@@ -120,7 +120,7 @@ def linear_fwd(x, weight, delta, score, bias, threshold):
     reference path's error first (reading it costs no sync there; the kernel, like the CUDA one,
     would return NaN rows). A closed gate runs the same kernel, which then reads W alone: faster
     than F.linear on W (MKL) at every size it serves. Measured on a 2-core x86_64 machine without
-    a GPU, torch 2.14.1, kernel / F.linear: 1.5 / 3.1 µs a call of a 64x64 layer at M = 1; over
+    a GPU, torch 2.14.1, kernel / F.linear: 2.1 / 3.1 µs a call of a 64x64 layer at M = 1; over
     layers of N = K = 768 0.59x at M = 1, 0.67x at M = 16, 0.82x at M = 32; of 3072, 0.65x at
     M = 1, 0.46x at M = 16, 0.54x at M = 32."""
     if x.is_cpu:
