@@ -57,6 +57,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
+// v rounded to T and widened back (a no-op for fp32): W + ΔW takes the values merge stores. The
+// fp32 sum of two fp16 / bf16 numbers rounded once more is the correctly rounded fp16 / bf16 sum
+// (24 >= 2 * 11 + 2 significand bits: the double rounding is innocuous).
+template <typename T> __device__ __forceinline__ float round_to_layer(float v) {
+  return to_f32<T>(from_f32<T>(v));
+}
+template <> __device__ __forceinline__ float round_to_layer<float>(float v) { return v; }
+
 // A "vector" is VEC consecutive elements of one row: 16 bytes (uint4) on the fast path, a single
 // element on the unaligned fallback. Raw<T, VEC> is its undecoded register form, so that all the
 // loads of a step are issued before any of them is consumed.

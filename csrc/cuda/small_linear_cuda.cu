@@ -5,7 +5,8 @@
 //   small_linear:     y[m, n]  = Σ_k x[m, k] · (W[n, k] + g·ΔW[n, k]) + b[n],   g = 1[s ≥ τ]
 //   small_mt_linear:  y[m, n]  = Σ_k x[m, k] · (W[n, k] + g_t·ΔW_slot[t][n, k]) + b[n],
 //                     t = task_ids[m],  g_t = 1[t ≥ 0 ∧ slot[t] ≥ 0 ∧ s_t ≥ τ_t]
-//   products accumulate in fp32; W + g·ΔW is formed in fp32 in registers; a NaN score or
+//   products accumulate in fp32; W + g·ΔW is formed in registers, rounded to the layer dtype
+//   (as merge stores it and the Triton kernels form it: no jump at 16/17 rows); a NaN score or
 //   threshold makes its rows NaN (acc += NaN, the Triton kernels' s - s, but for NaN only: an
 //   infinite τ or s is a legitimate gate value); on the mixed batch a task id outside [-1, T) or
 //   a slot outside [-1, S) makes its row NaN (no host sync, no out-of-bounds read).

@@ -21,7 +21,8 @@ __device__ __forceinline__ void fma_row(int m, const T* __restrict__ xk, int64_t
   }
 }
 
-// wf[r] = W[r] (+ ΔW[r]) in fp32: the effective weight is formed in registers, never in memory.
+// wf[r] = W[r] (+ ΔW[r]), summed in fp32 and rounded to T (as merge stores W + ΔW, and as the
+// Triton kernels form it): the effective weight is formed in registers, never in memory.
 template <typename T, int R, int VEC, bool HAS_D>
 __device__ __forceinline__ void effective_weight(const typename Raw<T, VEC>::type (&w)[R],
                                                  const typename Raw<T, VEC>::type (&d)[R],
@@ -33,7 +34,7 @@ __device__ __forceinline__ void effective_weight(const typename Raw<T, VEC>::typ
       float df[VEC];
       decode<T, VEC>(d[r], df);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) wf[r][e] += df[e];
+      for (int e = 0; e < VEC; ++e) wf[r][e] = round_to_layer<T>(wf[r][e] + df[e]);
     }
   }
 }

@@ -5,18 +5,17 @@ helpers.RTOL.
 The contract, as the tests read it from the backend the dispatcher picks for a call:
 - "reference" forms W + ΔW in memory in the layer dtype, then runs F.linear / F.conv2d: the very
   computation of the merged model, so the outputs are equal bit for bit.
-- "cpp" (CPU, M <= 32 rows) and "cuda" (M <= 16) form W + ΔW in registers in the accumulation
-  type (fp32; fp64 for fp64) and sum in their own order: in fp16 / bf16 W + ΔW is never rounded
-  to the layer dtype.
-- "triton" forms W + ΔW tile by tile in registers in the layer dtype (the rounding merge makes)
-  and sums in its own order.
+- "cpp" (CPU, M <= 32 rows), "cuda" (M <= 16) and "triton" form W + ΔW in registers, rounded to
+  the layer dtype (the rounding merge makes), and sum in their own order. One formation on every
+  backend: an output does not jump where the dispatcher switches backends (32/33 rows on the CPU,
+  16/17 on a GPU).
 - The paths that are not bit for bit agree with the merged model within RTOL of |y| on ordinary
   data, and within RTOL of Σ_k |x_k|·|W + ΔW|_k on any data (outputs that cancel included).
 
 The fp16 / bf16 formation tests use data on which the two formations disagree by far more than
 RTOL: ΔW is a quarter of an ulp of W, so W + ΔW rounded to the layer dtype is W itself, and x is
 built so that x·W cancels exactly while x·ΔW does not. A kernel that rounded W + ΔW to the layer
-dtype loses x·ΔW entirely; one that kept it in fp32 keeps it.
+dtype loses x·ΔW entirely; one that kept it in fp32 would keep it.
 """
 import copy
 
@@ -32,9 +31,9 @@ from taps_fast.ops.ext_backend import CPP_MAX_ROWS
 
 from helpers import RTOL, assert_rel_close, assert_scaled_close, rel_err
 
-# Where each backend forms W + g·ΔW (docs/precision.md, the contract table).
-LAYER_DTYPE = {"reference", "triton"}  # rounded to the layer dtype (as merge does)
-ACC_DTYPE = {"cpp", "cuda"}            # kept in fp32 (fp64 for fp64 inputs), in registers
+# Where each backend forms W + g·ΔW (docs/precision.md, the contract table): every one rounds it
+# to the layer dtype, as merge does.
+LAYER_DTYPE = {"reference", "triton", "cpp", "cuda"}
 HAS_EXT = _ext.load()[0] is not None
 
 ROWS = [1, 16, 32, 33, 64]
@@ -171,16 +170,15 @@ def assert_formed(y, exact, rounded, where, dtype, what):
 
 
 def formation(be):
-    assert be in LAYER_DTYPE | ACC_DTYPE, be
-    return "acc" if be in ACC_DTYPE else "layer"
+    assert be in LAYER_DTYPE, be
+    return "layer"
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("M", ROWS)
 def test_where_w_plus_delta_is_formed(M, dtype, device):
-    """Single-task linear: the compiled few-row kernels keep W + ΔW in fp32, the reference and
-    Triton paths and merge round it to the layer dtype."""
+    """Single-task linear: every backend, and merge, round W + ΔW to the layer dtype."""
     x, W, D, b = cancelling(dtype, device, M)
     exact, rounded = oracles(x, W, D, b)
     layer = convert(nn.Linear(W.shape[1], W.shape[0], device=device, dtype=dtype))
@@ -197,6 +195,32 @@ def test_where_w_plus_delta_is_formed(M, dtype, device):
     # of Σ_k |x_k|·|W + ΔW|_k (the size of what was summed), not of |y|, which cancels here.
     scale = x.double().abs() @ (W.double() + D.double()).abs().t()
     assert_scaled_close(y.cpu(), ym.cpu().double(), scale.cpu(), dtype, f"{be} vs merged, scaled")
+
+
+BOUNDARY = [pytest.param("cpu", CPP_MAX_ROWS, id="cpu-cpp-to-reference"),
+            pytest.param("cuda", 16, id="cuda-cuda-to-triton", marks=[pytest.mark.gpu, pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device,limit", BOUNDARY)
+def test_no_jump_at_the_row_limit(device, limit, dtype):
+    """The same rows computed in a call of `limit` rows (the compiled kernel) and of limit + 1
+    rows (the next backend) agree within RTOL, on data where forming W + ΔW in fp32 instead of
+    the layer dtype moves every output by far more than RTOL."""
+    if device == "cpu" and not HAS_EXT:
+        pytest.skip("taps_fast._C is not built: the reference path serves both sides")
+    x, W, D, b = cancelling(dtype, device, limit + 1)
+    score = torch.tensor(0.5, device=device)
+    sides = {}
+    for rows in (limit, limit + 1):
+        sides[rows] = backend("linear_fwd", device, dtype, rows)
+        with torch.no_grad():
+            y = taps_linear(x[:rows], W, D, score, b, 0.1)
+        sides[rows] = (sides[rows], y[:limit])
+    (be_a, y_a), (be_b, y_b) = sides[limit], sides[limit + 1]
+    assert be_a != be_b, f"{limit} and {limit + 1} rows are served by the same backend ({be_a})"
+    assert_rel_close(y_b, y_a.double(), dtype, f"{be_a} at {limit} rows vs {be_b} at {limit + 1}")
 
 
 def test_triton_forms_in_layer_dtype():
@@ -221,7 +245,7 @@ def test_triton_forms_in_layer_dtype():
 @pytest.mark.parametrize("layout", ["sorted", "interleaved"])
 @pytest.mark.parametrize("M", [16, 32, 33, 64])
 def test_mixed_batch_formation(M, layout, dtype):
-    """taps_mt_linear on the CPU: cpp (M <= 32) keeps W + ΔW_t in fp32; the reference path forms
+    """taps_mt_linear on the CPU: cpp (M <= 32) rounds W + ΔW_t to the layer dtype; the reference path forms
     W + ΔW_t in the layer dtype when each weight's rows are one run (a batch sorted by task),
     bit for bit the merged task model on those rows, and otherwise adds x·ΔW_t to x·W
     (linearity: W + ΔW_t is never formed, so the data here give the exact result)."""
@@ -236,7 +260,7 @@ def test_mixed_batch_formation(M, layout, dtype):
     be = backend("mt_linear_fwd", "cpu", dtype, M)
     rows = ids == 0
     if be == "cpp":
-        where = "acc"
+        where = "layer"
     elif layout == "sorted":
         where = "layer"
         assert torch.equal(y[rows], F.linear(x[rows], W + D, b)), "sorted batch: the merged model's product"
@@ -250,8 +274,8 @@ def test_mixed_batch_formation(M, layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_multitask_model_serving_path(dtype):
     """MultiTaskModel on the CPU (task-pure chunks of cpu_chunk = 8 samples): a chunk with an open
-    gate runs the cpp kernel when it has <= 32 rows (W + ΔW in fp32), else F.linear on W + ΔW
-    formed in the layer dtype: bit for bit the merged task model on the same chunk. Base rows
+    gate runs the cpp kernel when it has <= 32 rows (W + ΔW rounded to the layer dtype in
+    registers), else F.linear on W + ΔW formed in the layer dtype in memory: bit for bit the merged task model on the same chunk. Base rows
     run F.linear on W: bit for bit the base model."""
     half = dtype in (torch.float16, torch.bfloat16)
     many = 5  # tokens per sample: 8 samples x 1 token = 8 rows (cpp), x 5 = 40 rows (F.linear)
