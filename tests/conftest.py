@@ -11,6 +11,12 @@ if "TRITON_INTERPRET" not in os.environ:
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # bf16 computed as the GPU does (tests/interpreter_bf16.py), so the kernels' bf16 paths run here.
+    import interpreter_bf16  # noqa: E402
+
+    interpreter_bf16.apply()
+
 
 @pytest.fixture
 def triton_poisoned(monkeypatch):

@@ -5,14 +5,25 @@ import torch
 
 # Max |actual - expected| / max(|expected|_max, tiny), compared with a float64 oracle.
 # fp32: a few ulps times sqrt(K) growth on the small shapes the tests use; fp16: 2^-10 ulp with
-# fp32 accumulation on the same shapes; bf16: 2^-7 ulp (GPU only: bf16 tl.dot is wrong under the
-# Triton interpreter).
+# fp32 accumulation on the same shapes; bf16: 2^-7 ulp.
 RTOL = {
     torch.float64: 1e-12,
     torch.float32: 2e-5,
     torch.float16: 4e-3,
     torch.bfloat16: 3e-2,
 }
+
+
+
+def triton_dtypes() -> list:
+    """The dtypes the Triton kernel tests run: fp32, fp16, and bf16 on a GPU or under an
+    interpreter that computes bf16 as a GPU does (tests/interpreter_bf16.py, applied by
+    conftest.py; stock interpreters compute bf16 tl.dot on the bit patterns)."""
+    import interpreter_bf16
+
+    bf16 = torch.cuda.is_available() or interpreter_bf16.applied()
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if bf16 else [])
+
 
 # Whole-model comparisons (a network's forward or gradients against the same network computed
 # another way, e.g. a mixed batch against each task's own model): the rounding of dozens of

@@ -33,3 +33,32 @@ def test_triton_device_follows_the_machine(monkeypatch):
     assert helpers.triton_device() == torch.device("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert helpers.triton_device() is None
+
+
+def test_interpreter_bf16_rounds_as_torch():
+    """tests/interpreter_bf16.py's fp32 -> bf16 rounding is torch's (to nearest even), NaN and
+    infinities included, and its widening is exact."""
+    import numpy as np
+
+    import interpreter_bf16 as ib
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(10000, generator=g) * 10 ** torch.randint(-30, 30, (10000,), generator=g),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, 1e-40])])
+    bits = ib.to_bf16(x.numpy())
+    want = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    same = (bits == want) | (np.isnan(x.numpy()) & ((bits & 0x7FFF) > 0x7F80))
+    assert same.all(), x[~torch.from_numpy(same)][:5]
+    assert np.array_equal(ib.to_f32(want), x.to(torch.bfloat16).float().numpy(), equal_nan=True)
+
+
+def test_triton_backend_serves_bf16_under_the_interpreter_only_where_the_probe_passes():
+    if not triton_backend._interpret() or triton_backend.available() is not None:
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    import interpreter_bf16 as ib
+    from taps_fast.kernels._probe import interpreter_bf16_ok
+
+    assert ib.applied() and interpreter_bf16_ok(), "conftest.py applies the patch; the probe must pass"
+    why = triton_backend.why_not("linear_fwd", device=torch.device("cpu"), dtype=torch.bfloat16,
+                                 rows=4, numel=64, forced=True)
+    assert why is None, why

@@ -8,8 +8,9 @@ What it serves, and why not otherwise (``why_not`` returns the reason the dispat
 - fp16 and bf16; fp32 where torch itself would use TF32 (``torch.backends.cuda.matmul.allow_tf32``
   for linear, ``torch.backends.cudnn.allow_tf32`` for conv), because the kernels' fp32 product
   is TF32 on tensor cores, and exact-fp32 tl.dot runs on CUDA cores and spills (measured with
-  the static check); float64 never. Under the interpreter fp32 is exact and served; bf16 is not,
-  because the interpreter's bf16 tl.dot is wrong (relative error ~1e10 with triton 3.8).
+  the static check); float64 never. Under the interpreter fp32 is exact and served; bf16 only
+  where the interpreter passes kernels/_probe.py (stock triton 3.6-3.8 computes bf16 tl.dot on
+  the bit patterns, relative error ~1e10; tests/interpreter_bf16.py patches it for the tests).
 - conv2d with groups = 1 (grouped and depthwise convs go to the reference path, whose cuDNN
   kernels handle them).
 - tensors under 2^31 elements (the kernels index with int32).
@@ -31,6 +32,13 @@ from ._mt_common import row_task_ids
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_bf16_ok() -> bool:
+    """The interpreter computes bf16 as a GPU does (kernels/_probe.py; one tiny kernel, cached)."""
+    from ..kernels._probe import interpreter_bf16_ok
+
+    return interpreter_bf16_ok()
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +71,7 @@ def why_not(op: str, device: torch.device, dtype: torch.dtype, groups: int = 1, 
         return f"no Triton kernels for device type {device.type!r}"
     if dtype == torch.float64:
         return "float64: no tensor-core path (the reference path serves it)"
-    if dtype == torch.bfloat16 and _interpret():
+    if dtype == torch.bfloat16 and _interpret() and not _interpreter_bf16_ok():
         return "bfloat16 under TRITON_INTERPRET=1: the interpreter's bf16 tl.dot is wrong"
     if dtype == torch.float32 and device.type == "cuda":
         conv = "conv" in op

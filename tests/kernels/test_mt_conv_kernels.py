@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from taps_fast.ops import triton_backend
-from helpers import assert_scaled_close
+from helpers import assert_scaled_close, triton_dtypes
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -137,7 +137,8 @@ MATRIX = [  # (case, layout, dtype, tasks, score dtype): not the full cross prod
     ("3x3_d2", "channels_last", torch.float32, "B", None),
     ("3x3_d2", "nchw", torch.float16, "A", None),
     ("c20", "nchw", torch.float16, "A", torch.float32),
-]
+] + ([("3x3", "channels_last", torch.bfloat16, "B", None), ("3x3_s2", "nchw", torch.bfloat16, "A", None)]
+     if torch.bfloat16 in triton_dtypes() else [])
 
 
 @pytest.mark.parametrize("case, layout, dtype, tasks, score_dtype", MATRIX,

@@ -1,7 +1,7 @@
 """The multi-task gated linear kernels (kernels/mt_linear.py) against a float64 oracle.
 
 Without a GPU this runs under TRITON_INTERPRET=1 (tests/conftest.py): small odd shapes whose tiles
-are partial, fp32 and fp16 (bf16 tl.dot is wrong under the interpreter). Every buffer the
+are partial, fp32, fp16 and bf16 (tests/interpreter_bf16.py). Every buffer the
 launchers allocate is NaN-filled first (POISON_OUTPUTS), so an element no kernel writes fails.
 
 The task table of most cases (T = 5, S = 5 delta slots):
@@ -18,7 +18,7 @@ import torch
 
 from taps_fast import dispatch
 from taps_fast.ops import triton_backend
-from helpers import assert_scaled_close, check_prune_by_dtype, tf32_allowed
+from helpers import assert_scaled_close, check_prune_by_dtype, tf32_allowed, triton_dtypes
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -28,7 +28,7 @@ if triton_backend.available() is not None or (not CUDA and not triton_backend._i
 from taps_fast.kernels import _common as kcommon  # noqa: E402  (imports triton)
 from taps_fast.kernels import mt_linear as kmt  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+DTYPES = triton_dtypes()
 TABLE = dict(slot=[2, 0, -1, 1, 3], opens=[True, False, True, True, True], S=5, ids=[-1, 0, 1, 2, 4])
 
 
@@ -118,7 +118,7 @@ def _check(case, tag):
             assert_scaled_close(ds[t:t + 1], want[3][t:t + 1], scale[3][t:t + 1], bd, f"{tag} ds[{t}]")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K", [(129, 17, 65), (17, 129, 17), (1, 17, 129), (67, 65, 33)])
 def test_mixed_batch(M, N, K, dtype):
     """Forward, dx, dΔW and ds of the five-task table; tiles partial in every dimension."""
@@ -141,7 +141,7 @@ def test_all_rows_base():
     assert torch.count_nonzero(dd) == 0 and torch.count_nonzero(ds) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_single_task(dtype):
     """T = 1, every row the task's (one segment; base and the rest empty)."""
     _check(_case(65, 17, 33, dtype, [0], [True], 1, ids=[0]), f"single {dtype}")
@@ -266,7 +266,7 @@ def test_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong under the interpreter; large shapes")
+@pytest.mark.skipif(not CUDA, reason="large shapes, every autotuned tile: GPU only")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mixed_batch_gpu(dtype):
     """Tiles of every autotuned config, bf16 included."""

@@ -1,8 +1,9 @@
 """The Triton backend against the float64 oracle.
 
 Without a GPU this runs under TRITON_INTERPRET=1 (tests/conftest.py) on the CPU: small odd shapes,
-fp32 and fp16 (bf16 tl.dot is wrong under the interpreter). With CUDA the same tests run on the
-GPU, plus the large shapes and bf16 of the tests marked ``gpu``.
+fp32, fp16 and bf16 (bf16 through tests/interpreter_bf16.py, which makes the interpreter compute
+bf16 as the GPU does). With CUDA the same tests run on the GPU, plus the large shapes of the
+tests marked ``gpu``.
 
 Every buffer the launchers allocate is NaN-filled first (POISON_OUTPUTS), so an element a kernel
 fails to write fails the comparison (rel_err refuses non-finite values).
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from taps_fast import dispatch, taps_conv2d, taps_conv2d_ref, taps_linear, taps_linear_ref
-from helpers import skip_module_without_triton, RTOL, assert_rel_close, assert_scaled_close, check_prune_by_dtype
+from helpers import skip_module_without_triton, RTOL, assert_rel_close, assert_scaled_close, check_prune_by_dtype, triton_dtypes
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -26,7 +27,7 @@ from taps_fast.kernels import _common as kcommon  # noqa: E402
 from taps_fast.kernels import conv as kconv  # noqa: E402
 from taps_fast.kernels import linear as klinear  # noqa: E402
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+DTYPES = triton_dtypes()
 SIZES = [1, 17, 64, 129]
 
 
@@ -102,7 +103,7 @@ def _check_linear(M, N, K, dtype, is_open, bias=True):
     _check(tag, got, want, scale, is_open, dtype, ["y", "dx", "dΔW", "ds", "db"][:4 + bias])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("is_open", [True, False], ids=["open", "closed"])
 @pytest.mark.parametrize("M", SIZES)
 def test_linear_odd_shapes(M, is_open, dtype):
@@ -190,7 +191,7 @@ CONV_CASES = {
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("is_open", [True, False], ids=["open", "closed"])
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv_odd_shapes(case, is_open, dtype, layout):

@@ -63,16 +63,16 @@ from taps_fast import (
 )
 from taps_fast.ops.ext_backend import CPP_MAX_ROWS
 
-from helpers import RTOL, assert_scaled_close
+from helpers import RTOL, assert_scaled_close, triton_dtypes
 
 CPU = torch.device("cpu")
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 
 # ----------------------------------------------------------------------------- backends
 # What each backend serves on CPU tensors (taps_fast/ops/ext_backend.py, triton_backend.py); the
-# strategies draw only calls the forced backend serves. Triton: no fp64, and bf16 tl.dot is
-# wrong under the interpreter; conv with groups = 1 only; small tiles ("tiny" shapes).
-DTYPES = {"reference": (F64, F32, F16, BF16), "cpp": (F64, F32, F16, BF16), "triton": (F32, F16)}
+# strategies draw only calls the forced backend serves. Triton: no fp64 (bf16 under the
+# interpreter through tests/interpreter_bf16.py); conv with groups = 1 only; small tiles ("tiny" shapes).
+DTYPES = {"reference": (F64, F32, F16, BF16), "cpp": (F64, F32, F16, BF16), "triton": tuple(triton_dtypes())}
 TINY = {"reference": False, "cpp": False, "triton": True}
 # Examples drawn per test by default, for a few seconds in all on two cores: a case takes
 # milliseconds on the CPU backends, the interpreter ~0.05 s per linear and ~0.2 s per conv case.

@@ -112,11 +112,24 @@ def test_cpu_default_stays_reference():
     (dict(dtype=torch.float64), "float64"),
     (dict(dtype=torch.float32, groups=2), "groups=2"),
     (dict(dtype=torch.float32, numel=2**31), "int32"),
-] + ([] if CUDA else [(dict(dtype=torch.bfloat16), "bfloat16")]))
+])
 def test_forced_triton_says_why_not(meta, words):
     with pytest.raises(dispatch.NoBackendError) as e:
         dispatch.select("conv2d_fwd", device=DEV, **meta)
     assert "triton" in str(e.value) and words in str(e.value) and "reference: ok" in str(e.value)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's bf16 (CPU tensors)")
+def test_bf16_refused_under_an_interpreter_that_gets_it_wrong(monkeypatch):
+    """A stock interpreter fails kernels/_probe.py (bf16 tl.dot on the bit patterns): then bf16
+    is refused with the reason (tests/conftest.py's patched interpreter passes it)."""
+    from taps_fast.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "_interpreter_bf16_ok", lambda: False)
+    why = triton_backend.why_not("conv2d_fwd", device=DEV, dtype=torch.bfloat16, forced=True)
+    assert why is not None and "bfloat16" in why and "tl.dot" in why, why
+    monkeypatch.undo()
+    assert triton_backend.why_not("conv2d_fwd", device=DEV, dtype=torch.bfloat16, forced=True) is None
 
 
 def test_grouped_conv_falls_back_when_not_forced():
