@@ -28,28 +28,41 @@ from ..ops._common import threshold_in as ops_threshold_in
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Tile configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) each autotuner may choose on a
-# GPU, per kernel family. Chosen with the static check (python -m taps_fast.info --kernels):
-# with the combine in registers the tile loads are pipelined through registers, so larger tiles
-# (128x256, or 128x128x64 on sm_80) spill; every config listed compiles spill-free for sm_80 and
-# sm_90 and uses wgmma (HGMMA) on sm_90.
-# Keyed by the input's element size: fp32 (TF32) tiles hold twice the registers of fp16/bf16 ones.
+# GPU, per kernel family, keyed by the input's element size (fp32/TF32 tiles hold twice the
+# registers of fp16/bf16 ones). Chosen with the static check (python -m taps_fast.checks triton
+# --specs all): every config listed compiles spill-free for sm_80 and sm_90, under triton 3.6 and
+# 3.8, both in the generic specialisation and in the ones Triton's JIT makes at run time (unit
+# strides constexpr, multiples of 16 marked; odd sizes; the transposed weight of dx), and uses
+# wgmma (HGMMA) on sm_90. With the combine W + mask·ΔW in registers the tile loads are pipelined
+# through registers, so 4-warp tiles of 64x128 or 128x64 run out: 64x128x32 w4 s4, 128x64x32 w4 s4
+# and 64x64x64 w4 s3 spilled 16-2392 bytes at odd sizes (fp16 sm_80 worst) and 64x128x32 w4 s4
+# 88-144 bytes in the generic form under triton 3.6; the same tiles with 8 warps take 198-246
+# registers and do not. The first tile of each size is the one TAPS_FAST_AUTOTUNE=first keeps.
 FWD_TILES = {  # gated linear forward and dx
-    2: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
-    4: [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3)],
+    2: [(128, 64, 32, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 8, 4), (64, 64, 64, 8, 3)],
+    # tf32 128x128x32 w8 s3 spilled (odd sizes; triton 3.6 generic too): BLOCK_K 16 there
+    4: [(128, 64, 32, 8, 3), (128, 128, 16, 8, 3), (64, 128, 16, 8, 4), (64, 64, 32, 8, 3)],
 }
 WGRAD_TILES = {  # G passes: (BLOCK_N, BLOCK_K, BLOCK_R) of G = dyᵀ·x
-    # 128x128x32 w8 spilled 40 bytes in bf16 on sm_90 at 1, 2 or 3 stages (fp16: none, 201
-    # registers); 128x64 and 64x128 with 8 warps take 128-188 registers in both.
-    2: [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
-    # 128x128x32 w8 s3 spilled 120 bytes in tf32 on sm_80
-    4: [(64, 128, 32, 4, 4), (64, 64, 64, 4, 3)],
+    # 128x128x32 w8 spilled 40 bytes in bf16 on sm_90 at 1, 2 or 3 stages; 64x128x32 w4 s4 16-128
+    # bytes under triton 3.6 (generic and odd sizes). These take 128-255 registers.
+    2: [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 4, 3)],
+    # 128x128x32 w8 s3 spilled 120 bytes in tf32 on sm_80; 64x128x32 w4 s4 64-184 bytes (3.6)
+    4: [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 4, 3)],
 }
-CONV_TILES = {  # implicit-GEMM conv forward, dx and G. The gathers keep a 64-bit address per
+CONV_TILES = {  # implicit-GEMM conv forward and dx. The gathers keep a 64-bit address per
     # element of each in-flight tile, so conv needs 2 stages (or 8 warps) where linear takes 3-4:
     # at 128x64x32 with 4 warps the fp16 forward spilled 392-448 bytes, 128x128x32 spills on sm_80;
-    # in tf32, 128x64x32 w8 s2 spilled 8 bytes and 64x64x32 w4 s3 120-288 bytes.
-    2: [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
+    # 128x64x32 w8 s2 spilled 8-24 bytes on sm_80 at run time (both triton versions), BLOCK_K 16
+    # does not; in tf32, 128x64x32 w8 s2 spilled 8 bytes and 64x64x32 w4 s3 120-288 bytes.
+    2: [(128, 64, 16, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
     4: [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 4, 2)],
+}
+CONV_WGRAD_TILES = {  # the conv G pass, (BLOCK_N, BLOCK_K, BLOCK_R)
+    2: [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)],
+    # tf32: every 4- and 8-warp tile of 64-128 x 64-128 x 16 (1 or 2 stages) but 64x64x16 w8 s2
+    # spilled 8-24 bytes on sm_80 under triton 3.6 at 255 registers; 16 warps take 114-128
+    4: [(128, 64, 16, 16, 2), (64, 128, 16, 16, 2), (64, 64, 16, 8, 2)],
 }
 
 
@@ -307,7 +320,7 @@ def ds_partials(N: int, K: int, split: int, device, per_tap=None):
     if split > 1:
         n = triton.cdiv(N, EPI_N) * triton.cdiv(K, EPI_K)
     else:
-        n = max_tiles(N, K, all_tiles(CONV_TILES if per_tap else WGRAD_TILES), per_tap)
+        n = max_tiles(N, K, all_tiles(CONV_WGRAD_TILES if per_tap else WGRAD_TILES), per_tap)
     return torch.zeros(n, dtype=torch.float32, device=device)  # tiles a config does not use add 0
 
 

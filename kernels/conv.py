@@ -31,6 +31,7 @@ import triton.language as tl
 from ..ops._common import conv_out_size
 from ._common import (
     CONV_TILES,
+    CONV_WGRAD_TILES,
     GROUP,
     alloc,
     alloc_like,
@@ -216,7 +217,7 @@ def _taps_conv2d_dgrad_kernel(
     tl.store(dx_ptr + xoff, acc.to(dx_ptr.dtype.element_ty), mask=mrow[:, None] & (rn[None, :] < C))
 
 
-@triton.autotune(**tile_autotune(CONV_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
+@triton.autotune(**tile_autotune(CONV_WGRAD_TILES, "x_ptr", "BLOCK_N", "BLOCK_K", "BLOCK_R"), key=_KEY + ["SPLIT"],
                  reset_to_zero=["part_ptr"])  # see PARTIALS_RESET in _common.py
 @triton.jit
 def _taps_conv2d_wgrad_kernel(

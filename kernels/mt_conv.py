@@ -67,6 +67,7 @@ import triton.language as tl
 from ..ops._common import out_format
 from ._common import (
     CONV_TILES,
+    CONV_WGRAD_TILES,
     GROUP,
     alloc,
     alloc_like,
@@ -84,22 +85,27 @@ from ._common import (
 from .conv import conv_dgrad_taps, conv_dims, conv_fwd_taps, conv_params, conv_wgrad_rows
 
 # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), per element size, from the static check
-# (python -m taps_fast.info --kernels; registers per thread on sm_80 / sm_90). The multi-task
-# kernels add a gathered sample index per row to the single-task conv kernels' budget (CONV_TILES
-# in _common.py), so a few of those configs no longer fit:
-# forward: CONV_TILES as is, 189-255 registers in fp16/bf16, 205-242 in tf32, no spill.
-MT_CONV_TILES = CONV_TILES
+# (python -m taps_fast.checks triton --specs all: spill-free on sm_80 and sm_90 under triton 3.6
+# and 3.8, generic and run-time specialisations). The multi-task kernels add a gathered sample
+# index per row to the single-task conv kernels' budget (CONV_TILES in _common.py), so a few of
+# those configs no longer fit, all on sm_80 at run time:
+# forward: 64x128x32 w8 s2 spilled 8 bytes with channels_last, 64x64x32 w4 s3 8 bytes, tf32
+# 64x128x16 w8 s2 8 bytes with channels_last; one stage or BLOCK_K 16 fits.
+MT_CONV_TILES = {
+    2: [(128, 64, 16, 8, 2), (64, 128, 32, 8, 1), (64, 64, 16, 4, 3)],
+    4: [(128, 64, 16, 8, 2), (64, 128, 16, 8, 1), (64, 64, 16, 4, 2)],
+}
 # dx: 64x64x32 w4 (s2 or s3) spilled 8 bytes on sm_90 in fp16/bf16 at 255 registers (w8: 24
 # bytes on sm_80); 64x64x16 w4 s3 takes 190 / 184. The others: 181-255, tf32 195-242.
 MT_DGRAD_TILES = {
-    2: [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 16, 4, 3)],
+    2: [(128, 64, 16, 8, 2), (64, 128, 32, 8, 2), (64, 64, 16, 4, 3)],
     4: CONV_TILES[4],
 }
-# G pass, (BLOCK_N, BLOCK_K, BLOCK_R): tf32 64x64x16 w4 s2 spilled 8 bytes on sm_80 (168
-# registers there); with 8 warps 114 / 93. fp16/bf16: 183-225, no spill.
+# G pass, (BLOCK_N, BLOCK_K, BLOCK_R): tf32 64x64x16 w4 s2 and 64x128x16 w8 s2 spilled 8-16
+# bytes on sm_80 (triton 3.6; 168-255 registers); these take 114-192. fp16/bf16: 183-225, no spill.
 MT_WGRAD_TILES = {
-    2: CONV_TILES[2],
-    4: [(128, 64, 16, 8, 2), (64, 128, 16, 8, 2), (64, 64, 16, 8, 2)],
+    2: CONV_WGRAD_TILES[2],
+    4: [(128, 64, 16, 8, 2), (128, 64, 16, 16, 2), (64, 64, 16, 8, 2)],
 }
 
 _KEY = ["B", "C", "H", "W", "OC", "OH", "OW", "KH", "KW", "T"]

@@ -74,7 +74,7 @@ from ._common import (
 # Tile families, chosen with the static check (python -m taps_fast.info --kernels: spill-free on
 # sm_80 and sm_90, HGMMA on sm_90). The forward (and dx) keeps the tile's row indices live across
 # the K loop and scatters its stores through them, on top of the single-task forward's registers
-# (248-255 per thread at FWD_TILES already): at FWD_TILES the check spilled 8-176 bytes (fp16
+# (248-255 per thread at its 4-warp tiles): at those tiles the check spilled 8-176 bytes (fp16
 # sm_90: 128x128x32 w8 s3 176, 64x128x32 w4 s4 144, 128x64x32 w4 s4 8; 128x128x16 w8 s3 72 on
 # sm_80; fewer stages did not help). 8 warps per tile fix it.
 # The check compiles every integer argument unspecialised; at run time Triton makes a stride of 1
