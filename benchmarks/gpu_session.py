@@ -1,4 +1,4 @@
-"""The GPU tests and benchmarks in one command, staged by value, for a CUDA machine that is lent for
+"""The GPU tests and benchmarks in one command, staged by value, for a CUDA machine available for
 a few minutes (written for torch 2.11, triton 3.6, Python 3.12, no network; stdlib only, so it runs
 before the package is built):
 
@@ -118,7 +118,7 @@ TRITON_TESTS = ["tests/kernels", "tests/ops/test_triton_dispatch.py", "tests/ops
 
 
 def plan(results_dir: Path) -> List[Step]:
-    """The session's steps, in order of value (see the module docstring)."""
+    """The run's steps, in order of value (see the module docstring)."""
     j = lambda name: str(results_dir / f"{name}.json")  # noqa: E731
     bench = [PY, "-m", "taps_fast.bench"]
     workers = max(1, min(8, _cores() // 2))
@@ -222,7 +222,7 @@ def _add_capped(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 def summary_text(results: List[Result], steps: List[Step], started: float, deadline_s: float,
                  dry_run: bool) -> str:
     done = {r.name: r for r in results}
-    lines = [f"taps_fast GPU session{' (dry run)' if dry_run else ''}: "
+    lines = [f"taps_fast GPU run{' (dry run)' if dry_run else ''}: "
              f"{time.monotonic() - started:.0f} s of a {deadline_s:.0f} s deadline",
              f"{'step':<10} {'status':<8} {'rc':>4} {'s':>6} {'plan s':>6}  note"]
     for s in steps:
