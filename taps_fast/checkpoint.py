@@ -10,7 +10,10 @@ File layout (safetensors, so loading can never run code; nothing here unpickles)
     metadata: format, format_version, taps_fast_version, base_fingerprint (SHA-256 of the gated
     layers' base weights), thresholds (JSON, per layer), checksum (SHA-256 of every other
     metadata field, then every tensor's name, dtype, shape and bytes, in key order: catches
-    corrupted bytes and metadata, which safetensors' own header checks cannot).
+    corrupted bytes and metadata, which safetensors' own header checks cannot); optionally
+    labels (a JSON list of strings, the head's class names: as many as an nn.Linear head has
+    outputs; format version 2 only, so covered by the checksum). A file written without labels
+    has no 'labels' field at all (byte for byte the file of a taps_fast without them).
 
 Format version 2 is written; version 1 (whose checksum covers the tensors only) is still read,
 every field validated the same way, but a change to a version 1 file's metadata cannot be
@@ -39,13 +42,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from ._version import __version__
-from .convert import taps_layers, task_state_keys
+from .convert import resolve_head, taps_layers, task_state_keys
 from .ops._common import gate_is_open
 
 FORMAT = "taps_fast.task"
 FORMAT_VERSION = "2"
 READ_VERSIONS = ("1", "2")
 META_KEYS = ("format", "format_version", "taps_fast_version", "base_fingerprint", "thresholds", "checksum")
+OPTIONAL_META_KEYS = ("labels",)  # allowed, not required (format version 2 only)
 PathLike = Union[str, bytes, "os.PathLike[str]"]
 
 # safetensors' dtype names (the header) as torch dtypes; a name not here is refused.
@@ -130,23 +134,53 @@ def task_tensors(model: nn.Module) -> Dict[str, Tensor]:
     return out
 
 
-def save_task(model: nn.Module, path: PathLike) -> int:
+def save_task(model: nn.Module, path: PathLike, labels: Optional[List[str]] = None) -> int:
     """Write the task (scores, open deltas, norm layers, head, metadata) to a safetensors file;
-    returns its size in bytes. The write is atomic: a crash leaves no half-written file."""
+    returns its size in bytes. The write is atomic: a crash leaves no half-written file.
+    ``labels``: the head's class names, stored in the metadata (as many as each nn.Linear head
+    has outputs); None stores none."""
     thresholds = {n: m.threshold for n, m in taps_layers(model)}
-    return write_task(task_tensors(model), thresholds, base_fingerprint(model), path)
+    if labels is not None:
+        labels = check_label_list(labels, "save_task")
+        for h in resolve_head(model):
+            mod = model.get_submodule(h)
+            if type(mod) is nn.Linear:
+                check_label_count(labels, mod.out_features, h, "save_task", ValueError)
+    return write_task(task_tensors(model), thresholds, base_fingerprint(model), path, labels=labels)
+
+
+def check_label_list(labels, where: str) -> List[str]:
+    """``labels`` as a list of str (a list or tuple of strings); TypeError otherwise."""
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, (list, tuple)):
+        raise TypeError(f"{where}: labels must be a list of strings, got {type(labels).__name__}")
+    bad = [i for i, v in enumerate(labels) if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{where}: labels must be a list of strings; item {bad[0]} is a "
+                        f"{type(labels[bad[0]]).__name__}")
+    return list(labels)
+
+
+def check_label_count(labels: List[str], outputs: int, head: str, where: str, error=None) -> None:
+    """As many labels as the nn.Linear head ``head`` has outputs; ``error`` (TaskFileError by
+    default) names both numbers otherwise."""
+    if len(labels) != outputs:
+        raise (error or TaskFileError)(f"{where}: {len(labels)} labels for the head {head!r}, which has "
+                                       f"{outputs} outputs: give one label per output")
 
 
 def write_task(tensors: Dict[str, Tensor], thresholds: Dict[str, float], fingerprint: str,
-               path: PathLike) -> int:
+               path: PathLike, labels: Optional[List[str]] = None) -> int:
     """Write a task's tensors (keys as in the module docstring) atomically; returns the size.
-    Refuses to write what load_task would refuse to read (a non-finite or non-real threshold)."""
+    Refuses to write what load_task would refuse to read (a non-finite or non-real threshold,
+    labels that are not a list of strings). ``labels=None`` writes no 'labels' field."""
     from safetensors.torch import save_file
 
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     bad = {n: v for n, v in thresholds.items() if not _is_finite_real(v)}
     if bad:
         raise ValueError(f"write_task: thresholds must be finite real numbers, got {bad}")
+    if labels is not None:
+        labels = check_label_list(labels, "write_task")
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -154,6 +188,8 @@ def write_task(tensors: Dict[str, Tensor], thresholds: Dict[str, float], fingerp
         "base_fingerprint": fingerprint,
         "thresholds": json.dumps({n: float(v) for n, v in thresholds.items()}, separators=(",", ":")),
     }
+    if labels is not None:
+        meta["labels"] = json.dumps(labels, separators=(",", ":"))
     meta["checksum"] = _checksum(tensors.items(), meta)
     path = _fspath(path)
     d = os.path.dirname(os.path.abspath(path))
@@ -193,6 +229,8 @@ class TaskSpec:
     weight's shape and dtype, a score be 0-dim of the score dtype. ``states``: ``state/`` keys
     the task must carry -> (shape, dtype); ``optional``: keys it may carry (parameters of the
     base the user left trainable). ``extra_hint`` is added to the refusal of unknown state keys.
+    ``label_keys``: the ``state/`` keys (without the prefix) of the nn.Linear heads' weights,
+    whose first dimension is the number of labels a task file's 'labels' metadata must hold.
     """
 
     owner: str
@@ -201,6 +239,12 @@ class TaskSpec:
     states: Dict[str, Tuple[Shape, torch.dtype]]
     optional: Dict[str, Tuple[Shape, torch.dtype]] = field(default_factory=dict)
     extra_hint: str = ""
+    label_keys: Tuple[str, ...] = ()
+
+
+def linear_head_weight_keys(model: nn.Module, heads: Iterable[str]) -> Tuple[str, ...]:
+    """The state_dict keys of the weights of those of ``heads`` that are nn.Linear."""
+    return tuple(f"{h}.weight" for h in heads if type(model.get_submodule(h)) is nn.Linear)
 
 
 def spec_of(model: nn.Module) -> TaskSpec:
@@ -218,7 +262,8 @@ def spec_of(model: nn.Module) -> TaskSpec:
         fingerprint=base_fingerprint(model),
         layers={n: (tuple(m.weight.shape), m.weight.dtype, m.score.dtype) for n, m in layers.items()},
         states={k: (tuple(state[k].shape), state[k].dtype) for k in sorted(required)},
-        optional={k: (tuple(state[k].shape), state[k].dtype) for k in sorted(optional)})
+        optional={k: (tuple(state[k].shape), state[k].dtype) for k in sorted(optional)},
+        label_keys=linear_head_weight_keys(model, resolve_head(model)))
 
 
 def _shape_fits(shape: Tuple[int, ...], want: Shape) -> bool:
@@ -385,7 +430,17 @@ class TaskFile:
             raise TaskFileError(f"{path!r} has task format version {meta.get('format_version')!r}; "
                                 f"this taps_fast ({__version__}) reads versions {', '.join(READ_VERSIONS)}")
         problems = [f"missing metadata field {k!r}" for k in META_KEYS if k not in meta]
-        problems += [f"unknown metadata field {k!r}" for k in sorted(set(meta) - set(META_KEYS))]
+        problems += [f"unknown metadata field {k!r}" for k in sorted(set(meta) - set(META_KEYS)
+                                                                      - set(OPTIONAL_META_KEYS))]
+        labels = None
+        if "labels" in meta:
+            if meta.get("format_version") == "1":
+                problems.append("metadata field 'labels' in a format version 1 file (whose checksum "
+                                "does not cover the metadata)")
+            else:
+                labels, why = _parse_labels(meta["labels"])
+                if why:
+                    problems.append(why)
         for k in ("base_fingerprint", "checksum"):
             v = meta.get(k, "")
             if k in meta and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v)):
@@ -397,6 +452,17 @@ class TaskFile:
             raise TaskFileError(f"{path!r} is not a valid taps_fast task: " + "; ".join(problems))
         self.meta = meta
         self.header = {k: (shape, _ST_DTYPES[dt]) for k, (shape, dt) in header.items()}
+        self.labels: Optional[List[str]] = labels  # the head's class names, or None (no 'labels' field)
+
+    def check_labels(self, spec: TaskSpec) -> None:
+        """The labels (if any) number the outputs of each nn.Linear head of ``spec`` (its
+        ``label_keys``), read from the header: no tensor data needed."""
+        if self.labels is None:
+            return
+        for k in spec.label_keys:
+            got = self.header.get(f"state/{k}")
+            if got is not None and len(got[0]) >= 1:
+                check_label_count(self.labels, got[0][0], k[:-len(".weight")], self.where)
 
     def read_tensors(self) -> Dict[str, Tensor]:
         """Every tensor's data (after check_header bounded their sizes), checksum verified."""
@@ -414,15 +480,38 @@ class TaskFile:
         return tensors
 
 
+def _parse_labels(text) -> Tuple[Optional[List[str]], Optional[str]]:
+    """The 'labels' metadata: (a list of str, None), or (None, why not)."""
+    try:
+        obj = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        return None, f"the 'labels' metadata is not valid JSON ({e})"
+    if not isinstance(obj, list):
+        return None, f"the 'labels' metadata must be a JSON list of strings, got a {type(obj).__name__}"
+    bad = [i for i, v in enumerate(obj) if not isinstance(v, str)]
+    if bad:
+        return None, (f"the 'labels' metadata must be a JSON list of strings; item {bad[0]} is a "
+                      f"{type(obj[bad[0]]).__name__}")
+    return obj, None
+
+
 def read_task(path, spec: TaskSpec) -> Tuple[Dict[str, Tensor], Dict[str, float], Dict[str, bool]]:
     """Open, check and read a task file for a model described by ``spec``: (tensors, thresholds,
     each layer's gate). Header and metadata are checked before any data is read."""
+    tensors, thresholds, opened, _ = read_task_with_labels(path, spec)
+    return tensors, thresholds, opened
+
+
+def read_task_with_labels(path, spec: TaskSpec):
+    """read_task, and the file's labels (None when it has none): (tensors, thresholds, each
+    layer's gate, labels)."""
     tf = TaskFile(path)
     check_header(tf.header, tf.meta["base_fingerprint"], spec, tf.where)
     thresholds = parse_thresholds(tf.meta["thresholds"], spec.layers, tf.where)
+    tf.check_labels(spec)
     tensors = tf.read_tensors()
     opened = check_values(tensors, thresholds, spec, tf.where)
-    return tensors, thresholds, opened
+    return tensors, thresholds, opened, tf.labels
 
 
 def load_task(model: nn.Module, path: PathLike) -> nn.Module:

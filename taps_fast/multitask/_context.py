@@ -11,8 +11,9 @@ from torch import Tensor
 
 
 class _Context(threading.local):
-    """The per-sample task ids of the batch being computed, shared by every wrapped layer and set
-    by MultiTaskModel.forward for the duration of the call.
+    """The per-sample task rows of the batch being computed (a task's internal row, -1 the base;
+    MultiTaskModel.forward maps the public ids to rows), shared by every wrapped layer and set by
+    MultiTaskModel.forward for the duration of the call.
 
     Per thread (a threading.local): the state of a call lives in the thread making it, so several
     threads may call one model at once and each gets exactly its serial result (a server's worker
@@ -21,7 +22,7 @@ class _Context(threading.local):
     def __init__(self) -> None:
         self.ids: Optional[Tensor] = None
         # The CPU path runs the batch in task-pure chunks: then every sample of the call belongs
-        # to this task (-1: the base) and the layers take the single-task path, with no gather
+        # to this row (-1: the base) and the layers take the single-task path, with no gather
         # and no per-layer host sync.
         self.task: Optional[int] = None
         # Serving a task-pure chunk with a gate open computes with W + ΔW: written into this

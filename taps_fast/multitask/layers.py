@@ -1,10 +1,14 @@
 r"""The gated layers of a MultiTaskModel: a TAPS linear / conv2d layer serving every task at once.
 
-One layer holds the base W (shared), ONE stacked tensor of the deltas of the tasks that opened it
-(``deltas[S, *W.shape]``), an index map ``slot[T]`` (task t's index into ``deltas``, -1: no
-delta here) and the tasks' scores and thresholds. Per sample i of task t:
+One layer holds the base W (shared), a slot pool of the deltas of the tasks that opened it
+(``deltas[S_cap, *W.shape]``: S_cap slots, grown by a quarter (at least one slot) when full,
+never shrunk; a free slot is zero), and per *row* (a task's internal index, stable while the task
+lives; MultiTaskModel maps public ids to rows) an index map ``slot[R_cap]`` (the row's slot in
+``deltas``, -1: no delta here, or a free row) and the rows' scores and thresholds (0 on free
+rows). Adding a task writes its row and its slots in place (``_write``); removing it zeroes them
+and frees them (``_clear``): no other task's tensors are copied. Per sample i of row r:
 
-    y_i = op(x_i, W + 1[slot[t] ≥ 0 and s_t ≥ τ_t]·ΔW_slot[t]) + b
+    y_i = op(x_i, W + 1[slot[r] ≥ 0 and s_r ≥ τ_r]·ΔW_slot[r]) + b
 
 A mixed batch goes to ``taps_mt_linear`` / ``taps_mt_conv2d``; a task-pure chunk (the CPU path,
 ``_Context.task`` set) to the single-task op, or, when nothing needs a gradient, straight to
@@ -12,7 +16,8 @@ F.linear / F.conv2d with W or W + ΔW.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+import heapq
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -28,7 +33,7 @@ from ._context import _Context, attach_context
 
 
 class _MTGated(nn.Module):
-    """Shared by the multi-task linear and conv layers: the stacked deltas, slot map, scores, and
+    """Shared by the multi-task linear and conv layers: the delta slot pool, slot map, scores, and
     the single-task path of a task-pure chunk. A subclass gives the plain op (``_plain``: x with
     a given weight) and the gated one (``_taps``: the single-task custom op)."""
 
@@ -41,42 +46,93 @@ class _MTGated(nn.Module):
         self.scores = nn.Parameter(w.new_zeros((0,)))
         self.register_buffer("slot", torch.zeros(0, dtype=torch.int32, device=w.device))
         self.register_buffer("thresholds", w.new_zeros((0,)))
+        # Host-side bookkeeping (no device sync to add, remove or count): row -> its slot, and
+        # the free slots (a heap: the lowest is reused first).
+        self._slot_of: Dict[int, int] = {}
+        self._free_slots: List[int] = []
 
     @property
-    def num_tasks(self) -> int:
+    def num_rows(self) -> int:
+        """The row capacity (rows of ``slot``, ``scores``, ``thresholds``), free rows included."""
         return self.slot.numel()
 
-    def task_delta(self, t: int) -> Optional[Tensor]:
-        s = int(self.slot[t])
+    @property
+    def slots_used(self) -> int:
+        """Slots of ``deltas`` holding a task's delta (the others are free and zero)."""
+        return len(self._slot_of)
+
+    def task_delta(self, row: int) -> Optional[Tensor]:
+        s = self._slot_of.get(row, -1)
         return None if s < 0 else self.deltas[s]
 
-    # -- adding and removing a task (MultiTaskModel.add_task / remove_task)
-    def _append(self, score: Tensor, threshold: float, delta: Optional[Tensor]) -> None:
-        w = self.weight
-        train = self.deltas.requires_grad
-        if delta is not None:
-            slot = self.deltas.shape[0]
-            self.deltas = nn.Parameter(torch.cat([self.deltas.detach(), delta.to(w).unsqueeze(0)]),
-                                       requires_grad=train)
-        else:
-            slot = -1
-        self.scores = nn.Parameter(torch.cat([self.scores.detach(), score.detach().reshape(1).to(self.scores)]),
+    # -- adding and removing a task (MultiTaskModel.add_prepared / remove_task)
+    @torch.no_grad()
+    def _grow_rows(self, cap: int) -> None:
+        """Grow the row tables to ``cap`` rows (new rows free: slot -1, score 0, threshold 0)."""
+        n = self.slot.numel()
+        if cap <= n:
+            return
+        extra = cap - n
+        self.scores = nn.Parameter(torch.cat([self.scores.detach(), self.scores.new_zeros(extra)]),
                                    requires_grad=self.scores.requires_grad)
-        self.slot = torch.cat([self.slot, self.slot.new_tensor([slot])])
-        thr = torch.tensor([threshold], dtype=self.thresholds.dtype, device=self.thresholds.device)
-        self.thresholds = torch.cat([self.thresholds, thr])
+        self.slot = torch.cat([self.slot, self.slot.new_full((extra,), -1)])
+        self.thresholds = torch.cat([self.thresholds, self.thresholds.new_zeros(extra)])
 
-    def _remove(self, t: int) -> None:
-        s = int(self.slot[t])
-        keep_t = [i for i in range(self.num_tasks) if i != t]
-        slot = self.slot[keep_t]
+    @torch.no_grad()
+    def _take_slot(self) -> int:
+        """A free slot of ``deltas`` (the lowest); when none is free the pool grows by a quarter
+        of its slots (at least one): one allocation and one copy of the pool (requires_grad
+        kept). Geometric growth keeps at most a quarter of the slots spare (a fixed chunk of 8
+        held 8 full copies of every opened layer for the first task: 8x the task's bytes) while
+        each slot is copied at most 4 times on average, so an add costs amortised time in
+        proportion to the task's bytes."""
+        if not self._free_slots:
+            old = self.deltas
+            n = old.shape[0]
+            grow = max(1, n // 4)
+            new = old.detach().new_zeros((n + grow,) + tuple(old.shape[1:]))
+            if n:
+                new[:n].copy_(old.detach())
+            self.deltas = nn.Parameter(new, requires_grad=old.requires_grad)
+            self._free_slots.extend(range(n, n + grow))  # ascending: a valid heap
+        return heapq.heappop(self._free_slots)
+
+    @torch.no_grad()
+    def _write(self, row: int, score: Tensor, threshold: float, delta: Optional[Tensor]) -> None:
+        """Write a task into free row ``row``: its score, τ and (an open layer) its delta, copied
+        into a free slot (tensors on any device: copied across)."""
+        if delta is not None:
+            s = self._take_slot()
+            self.deltas[s].copy_(delta)
+            self._slot_of[row] = s
+            self.slot[row] = s
+        self.scores[row].copy_(score.detach().reshape(()))
+        self.thresholds[row] = threshold
+
+    @torch.no_grad()
+    def _clear(self, row: int) -> None:
+        """Free row ``row``: its slot zeroed and freed, slot -1, score and τ 0 (no copy of other rows)."""
+        s = self._slot_of.pop(row, -1)
         if s >= 0:
-            keep_s = [i for i in range(self.deltas.shape[0]) if i != s]
-            self.deltas = nn.Parameter(self.deltas.detach()[keep_s], requires_grad=self.deltas.requires_grad)
-            slot = torch.where(slot > s, slot - 1, slot)
-        self.scores = nn.Parameter(self.scores.detach()[keep_t], requires_grad=self.scores.requires_grad)
-        self.slot = slot
-        self.thresholds = self.thresholds[keep_t]
+            self.deltas[s].zero_()
+            heapq.heappush(self._free_slots, s)
+        self.slot[row] = -1
+        self.scores[row] = 0
+        self.thresholds[row] = 0
+
+    def _row_fixed_bytes(self) -> int:
+        """Bytes every row holds here: its score, threshold and slot entry."""
+        return self.scores.element_size() + self.thresholds.element_size() + self.slot.element_size()
+
+    def _slot_bytes(self) -> int:
+        return self.weight.numel() * self.deltas.element_size()
+
+    def _row_nbytes(self, row: int) -> int:
+        """Bytes task row ``row`` holds in this layer (its delta if any, score, τ, slot entry)."""
+        return self._row_fixed_bytes() + (self._slot_bytes() if row in self._slot_of else 0)
+
+    def _allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.deltas, self.scores, self.thresholds, self.slot))
 
     # -- forward
     def _forward_task(self, x: Tensor, t: int) -> Tensor:
@@ -112,8 +168,8 @@ class _MTGated(nn.Module):
                 self.thresholds)
 
     def extra_repr(self) -> str:
-        return (f"{tuple(self.weight.shape)}, tasks={self.num_tasks}, "
-                f"deltas={self.deltas.shape[0]} (tasks with a delta on this layer)")
+        return (f"{tuple(self.weight.shape)}, rows={self.num_rows}, "
+                f"delta slots={self.slots_used} used of {self.deltas.shape[0]}")
 
 
 class MultiTaskLinear(_MTGated):

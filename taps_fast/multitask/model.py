@@ -1,13 +1,30 @@
 """MultiTaskModel: a base model and its TAPS tasks, served and trained in one mixed batch.
 
 The model replaces the base's gated layers, norm layers and head by their multi-task versions
-(layers.py, norms.py, heads.py), which share one per-thread ``_Context``: the task ids of the call
-in flight. Adding a task checks it (checkpoint.check_header / check_values), plans what each layer
-appends (``_plan``), and only then writes it (``_commit``), so a refused task changes nothing.
+(layers.py, norms.py, heads.py), which share one per-thread ``_Context``: the rows of the call in
+flight.
+
+Rows and slot pools. Every per-task tensor (scores, thresholds, slot maps, norm tables, heads) is
+indexed by the task's internal *row*, which never moves while the task lives; public task ids are
+positions in ``tasks`` (removing a task shifts the later ids, not their rows). ``_row_of`` maps a
+public id to its row, and the buffer ``_row_table`` ([T + 1], entry 0 = -1, the base) does the
+same on the device: rows = _row_table[ids + 1], no host sync, traceable. Row capacity grows by
+``pool_chunk`` rows when no row is free, and never shrinks; a removed task's row is zeroed and
+goes on the free list (the lowest free row is reused first). Each gated layer's deltas are a slot
+pool ``[S_cap, *W.shape]`` managed the same way but grown by a quarter of its slots (at least
+one) when full: one allocation and one copy of the pool, at most a quarter of it spare. So adding or removing a task costs time and memory in
+proportion to that task's bytes, not to the number of tasks held.
+
+Adding a task: ``prepare_task`` checks it (checkpoint.check_header / check_values) and builds what
+each part writes (``_plan``, tensors already on the model's device and dtype), writing nothing
+(a loader thread may call it while forwards run); ``add_prepared`` then writes it in place into
+a free row and free slots, so a refused task changes nothing. ``add_task`` does both.
 """
 from __future__ import annotations
 
 import copy
+import heapq
+import itertools
 import operator
 import os
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -16,13 +33,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..checkpoint import (TaskFileError, TaskSpec, check_header, check_thresholds, check_values, fingerprint_of,
-                          header_of, read_task, task_tensors, write_task)
+from ..checkpoint import (TaskFileError, TaskSpec, check_header, check_label_count, check_label_list,
+                          check_thresholds, check_values, fingerprint_of, header_of,
+                          read_task_with_labels, task_tensors, write_task)
 from ..convert import convert, is_norm, resolve_head, taps_layers
 from ..modules import TAPSLinear
 from ..ops._mt_common import check_task_ids, check_task_ids_meta, kernel_ids
 from ._context import _Context, attach_context
-from .heads import MultiTaskHead, head_from_state
+from .heads import MultiTaskHead, head_from_state, module_bytes
 from .layers import MultiTaskConv2d, MultiTaskLinear, _MTGated
 from .norms import _MTNorm, norm_class_for
 
@@ -31,11 +49,27 @@ Source = Union[str, "os.PathLike[str]", nn.Module]
 
 
 class TaskPlan(NamedTuple):
-    """A checked task as each part of the model will append it (MultiTaskModel._commit)."""
+    """A checked task as each part of the model will write it (MultiTaskModel.add_prepared)."""
 
     layers: Dict[str, Tuple[Tensor, float, Optional[Tensor]]]  # gated layer: (score, τ, ΔW or None: closed)
     norms: Dict[str, Dict[str, Tensor]]  # norm layer: its parameters' and buffers' values
     heads: Dict[str, nn.Module]  # head: the task's own module
+
+
+class PreparedTask(NamedTuple):
+    """A task read and checked by ``MultiTaskModel.prepare_task``, not yet added: ``add_prepared``
+    writes it. ``plan``: what each part writes (tensors on the model's device and dtype when
+    prepared; ``add_prepared`` also takes them on the CPU); ``nbytes``: the bytes the task adds
+    on the device (its deltas, scores, thresholds and slot entries, norm state, head);
+    ``labels``: the class names its file carries, or None; ``fingerprint``: the base it was
+    checked against. ``add_prepared`` copies the plan (a PreparedTask may be added again after a
+    remove_task, e.g. from a server's host cache)."""
+
+    name: str
+    plan: TaskPlan
+    nbytes: int
+    labels: Optional[List[str]]
+    fingerprint: str
 
 
 class MultiTaskModel(nn.Module):
@@ -46,14 +80,19 @@ class MultiTaskModel(nn.Module):
     **convert_kwargs)``; a converted model's own deltas and scores are not used: the base is W).
     ``cpu_chunk``: on the CPU the batch runs in task-pure chunks of at most this many samples in
     eval (see ``_forward_chunks``; 8 was fastest for ResNet-50 on a 2-core x86_64 CPU); 0 runs the
-    mixed batch in one call through the mixed-batch ops, as on a GPU.
+    mixed batch in one call through the mixed-batch ops, as on a GPU. ``pool_chunk``: the rows
+    are allocated this many at a time (the delta slot pools grow by a quarter; see the module
+    docstring): larger means fewer reallocations of the row tables, and more rows held idle.
     """
 
-    def __init__(self, base_model: nn.Module, cpu_chunk: int = 8, **convert_kwargs) -> None:
+    def __init__(self, base_model: nn.Module, cpu_chunk: int = 8, pool_chunk: int = 8, **convert_kwargs) -> None:
         super().__init__()
         if not isinstance(cpu_chunk, int) or cpu_chunk < 0:
             raise ValueError(f"MultiTaskModel: cpu_chunk must be an int >= 0, got {cpu_chunk!r}")
+        if not isinstance(pool_chunk, int) or isinstance(pool_chunk, bool) or pool_chunk < 1:
+            raise ValueError(f"MultiTaskModel: pool_chunk must be an int >= 1, got {pool_chunk!r}")
         self.cpu_chunk = cpu_chunk  # 0: the CPU runs the mixed batch in one call, like a GPU
+        self.pool_chunk = pool_chunk
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"MultiTaskModel: base_model must be an nn.Module, got {type(base_model).__name__}")
         if any(isinstance(m, _MTGated) for m in base_model.modules()):
@@ -100,7 +139,13 @@ class MultiTaskModel(nn.Module):
                 for p in m.parameters(recurse=False):  # the stacks; the base norm is a submodule
                     p.requires_grad_(True)
         self.base = base_model
-        self.tasks: List[str] = []
+        self.tasks: List[str] = []  # public id -> name
+        self._row_of: List[int] = []  # public id -> row
+        self._free_rows: List[int] = []  # a heap: the lowest free row is reused first
+        self._rows_cap = 0
+        self._labels: Dict[str, Optional[List[str]]] = {}
+        dev = layers[0][1].weight.device
+        self.register_buffer("_row_table", torch.full((1,), -1, dtype=torch.int64, device=dev), persistent=False)
 
     # -- structure
     def _layers(self) -> Dict[str, _MTGated]:
@@ -121,48 +166,197 @@ class MultiTaskModel(nn.Module):
             raise KeyError(f"unknown task {name!r}; this MultiTaskModel has tasks {self.tasks} "
                            f"(and {BASE!r} for the base model)") from None
 
+    def _parts(self) -> List[nn.Module]:
+        """Every part holding per-row tensors: gated layers, norm layers, heads."""
+        return list(self._layers().values()) + list(self._norms().values()) + list(self._heads().values())
+
+    def _row(self, t: int) -> int:
+        """The row of public id t (-1: the base)."""
+        return -1 if t < 0 else self._row_of[t]
+
     def num_outputs(self, task: Union[str, int]) -> Optional[int]:
         """The output size of a task's head (nn.Linear heads), or None."""
         t = self.task_index(task) if isinstance(task, str) else int(task)
         heads = list(self._heads().values())
-        return heads[0].num_outputs(t) if heads else None
+        return heads[0].num_outputs(self._row(t)) if heads else None
 
     # -- tasks
     def add_task(self, name: str, source: Source) -> None:
         """Add a task from a task file (``taps_fast.save_task``) or a converted model of the same
-        base. Everything is checked first: a refused task leaves the model unchanged."""
+        base. Everything is checked first: a refused task leaves the model unchanged.
+        ``add_prepared(prepare_task(name, source))``."""
+        self._add(self.prepare_task(name, source), owned=True)
+
+    def _check_name(self, name, where: str) -> None:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"add_task: the task name must be a non-empty string, got {name!r}")
+            raise ValueError(f"{where}: the task name must be a non-empty string, got {name!r}")
         if name == BASE:
-            raise ValueError(f"add_task: {BASE!r} is reserved for the base model")
+            raise ValueError(f"{where}: {BASE!r} is reserved for the base model")
         if name in self.tasks:
-            raise ValueError(f"add_task: a task named {name!r} exists already (remove_task it first)")
+            raise ValueError(f"{where}: a task named {name!r} exists already (remove_task it first)")
+
+    def prepare_task(self, name: str, source: Source, device: Optional[Union[str, torch.device]] = None) -> PreparedTask:
+        """Read and check a task as ``add_task`` does (the same checks, errors and messages), and
+        build what ``add_prepared`` writes, its tensors on the model's device (or ``device``,
+        e.g. "cpu" for a host cache) and dtype; writes nothing to the model. Safe to call from
+        another thread while forwards run (a server's loader thread); ``add_prepared`` must then
+        run while no call is in flight."""
+        self._check_name(name, "add_task")
+        labels = None
         if isinstance(source, nn.Module):
             tensors, thresholds, opened, heads = self._from_model(source, name)
             where = f"task {name!r} (a {type(source).__name__})"
         elif isinstance(source, (str, bytes, os.PathLike)):
-            tensors, thresholds, opened = read_task(source, self.task_spec())
+            tensors, thresholds, opened, labels = read_task_with_labels(source, self.task_spec())
             heads = None
             where = repr(os.fsdecode(source))
         else:
             raise TypeError(f"add_task: source must be a task file path or a converted nn.Module, "
                             f"got {type(source).__name__}")
-        plan = self._plan(tensors, thresholds, opened, heads, where)
-        self._commit(plan)
+        # A model's tensors are its live parameters: copied, so that the prepared task is a snapshot.
+        plan = self._plan(tensors, thresholds, opened, heads, where, copy_tensors=isinstance(source, nn.Module),
+                          device=None if device is None else torch.device(device))
+        return PreparedTask(name, plan, self._plan_nbytes(plan), labels, self.fingerprint)
+
+    def add_prepared(self, prepared: PreparedTask) -> None:
+        """Add a task prepared by ``prepare_task`` (of this model, or of one of the same base and
+        structure): written in place into a free row and free delta slots (growing the row tables by
+        ``pool_chunk`` and a delta pool by a quarter when none is free). Re-checks that the name is still free (ValueError).
+        The plan's tensors may be on the CPU for a model on another device; the plan is copied,
+        never kept, so one PreparedTask may be added again after a remove_task."""
+        self._add(prepared, owned=False)
+
+    def _add(self, prepared: PreparedTask, owned: bool) -> None:
+        if not isinstance(prepared, PreparedTask):
+            raise TypeError(f"add_prepared: expected a PreparedTask (MultiTaskModel.prepare_task's result), "
+                            f"got {type(prepared).__name__}")
+        name, plan = prepared.name, prepared.plan
+        self._check_name(name, "add_prepared")
+        if prepared.fingerprint != self.fingerprint:
+            raise TaskFileError(f"add_prepared: task {name!r} was prepared for a different base model (base "
+                                f"fingerprint {str(prepared.fingerprint)[:16]}…, this MultiTaskModel's "
+                                f"{self.fingerprint[:16]}…)")
+        if (set(plan.layers) != set(self._layer_names) or set(plan.norms) != set(self._norm_names)
+                or set(plan.heads) != set(self._head_names)):
+            raise ValueError(f"add_prepared: task {name!r} was prepared for a MultiTaskModel with other gated "
+                             "layers, norm layers or heads")
+        heads = {}
+        for h, mh in self._heads().items():  # the task's own module, on the base head's device and dtype
+            mod = self._head_to(mh, plan.heads[h] if owned else copy.deepcopy(plan.heads[h]))
+            mod.train(self.training)
+            for p in mod.parameters():
+                p.requires_grad_(True)
+            heads[h] = mod
+        row = self._take_row()
+        try:
+            for n, m in self._layers().items():
+                m._write(row, *plan.layers[n])
+            for n, m in self._norms().items():
+                m._write(row, plan.norms[n])
+            for h, mh in self._heads().items():
+                mh._write(row, heads[h])
+        except BaseException:
+            self._clear_row(row)
+            heapq.heappush(self._free_rows, row)
+            raise
         self.tasks.append(name)
+        self._row_of.append(row)
+        self._labels[name] = list(prepared.labels) if prepared.labels is not None else None
+        self._update_row_table()
 
     def remove_task(self, name: str) -> None:
-        """Remove a task: its deltas, scores, norms and head. Later tasks' ids shift down by one."""
+        """Remove a task: its row and delta slots are zeroed and freed (no other task's tensors
+        are copied). Later tasks' ids shift down by one (their rows do not move)."""
         t = self.task_index(name)
         if t < 0:
             raise ValueError("remove_task: the base model cannot be removed")
-        for m in self._layers().values():
-            m._remove(t)
-        for m in self._norms().values():
-            m._remove(t)
-        for h in self._heads().values():
-            del h.tasks[t]
+        row = self._row_of[t]
+        self._clear_row(row)
         self.tasks.pop(t)
+        self._row_of.pop(t)
+        self._labels.pop(name, None)
+        heapq.heappush(self._free_rows, row)
+        self._update_row_table()
+
+    def _head_to(self, mh: MultiTaskHead, mod: nn.Module, device: Optional[torch.device] = None) -> nn.Module:
+        """A task's head module moved (in place) to the base head's device (or ``device``) and
+        dtype: those of its weight, else of its first floating-point tensor, else the model's
+        device."""
+        ref = getattr(mh.base, "weight", None)
+        if not isinstance(ref, Tensor):
+            ref = next((t for t in itertools.chain(mh.base.parameters(), mh.base.buffers()) if t.is_floating_point()),
+                       None)
+        if ref is None:
+            return mod.to(device=device or self._row_table.device)
+        return mod.to(device=device or ref.device, dtype=ref.dtype)
+
+    # -- rows
+    def _take_row(self) -> int:
+        """The lowest free row; when none is free every part grows by ``pool_chunk`` rows."""
+        if not self._free_rows:
+            cap = self._rows_cap + self.pool_chunk
+            for m in self._parts():
+                m._grow_rows(cap)
+            self._free_rows.extend(range(self._rows_cap, cap))  # ascending: a valid heap
+            self._rows_cap = cap
+        return heapq.heappop(self._free_rows)
+
+    def _clear_row(self, row: int) -> None:
+        for m in self._parts():
+            m._clear(row)
+
+    def _update_row_table(self) -> None:
+        self._row_table = torch.tensor([-1] + self._row_of, dtype=torch.int64, device=self._row_table.device)
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        """Public ids (-1: the base) as rows: a gather in ``_row_table``, no host sync."""
+        table = self._row_table
+        if table.device != ids.device:
+            table = table.to(ids.device)
+        return table[ids.long() + 1]
+
+    # -- accounting
+    def task_bytes(self, name: str) -> int:
+        """Bytes task ``name`` holds on the device: its deltas, scores, thresholds and slot
+        entries, norm state and head (what ``prepare_task`` reported as ``nbytes``)."""
+        t = self.task_index(name)
+        if t < 0:
+            raise ValueError("task_bytes: the base model is not a task")
+        row = self._row_of[t]
+        return sum(m._row_nbytes(row) for m in self._parts())
+
+    def pool_stats(self) -> Dict[str, int]:
+        """The pools: ``tasks``, ``rows`` (row capacity), ``free_rows``, ``delta_slots`` (slots
+        over every gated layer), ``delta_slots_used``, ``bytes_allocated`` (every per-row
+        tensor and delta pool, free rows and slots included) and ``bytes_used`` (the tasks'
+        ``task_bytes``, summed)."""
+        layers = list(self._layers().values())
+        return {
+            "tasks": len(self.tasks),
+            "rows": self._rows_cap,
+            "free_rows": len(self._free_rows),
+            "delta_slots": sum(m.deltas.shape[0] for m in layers),
+            "delta_slots_used": sum(m.slots_used for m in layers),
+            "bytes_allocated": sum(m._allocated_bytes() for m in self._parts()),
+            "bytes_used": sum(self.task_bytes(n) for n in self.tasks),
+        }
+
+    def task_labels(self, name: str) -> Optional[List[str]]:
+        """The labels task ``name`` was added with (its file's 'labels' metadata), or None."""
+        t = self.task_index(name)
+        if t < 0:
+            return None
+        labels = self._labels.get(name)
+        return list(labels) if labels is not None else None
+
+    def _plan_nbytes(self, plan: TaskPlan) -> int:
+        """The bytes ``plan`` will hold on the device once added (as ``task_bytes`` counts them)."""
+        total = 0
+        for n, m in self._layers().items():
+            total += m._row_fixed_bytes() + (m._slot_bytes() if plan.layers[n][2] is not None else 0)
+        total += sum(m._row_nbytes() for m in self._norms().values())
+        total += sum(module_bytes(plan.heads[h]) for h in self._head_names)
+        return total
 
     def task_spec(self, heads: bool = True) -> TaskSpec:
         """What a task must hold to be added (taps_fast.checkpoint.TaskSpec): a score for every
@@ -181,9 +375,11 @@ class MultiTaskModel(nn.Module):
                 if type(mh.base) is nn.Linear:  # a task's own number of classes
                     shape = (None,) + shape[1:]
                 states[k] = (shape, v.dtype)
+        linear_heads = [h for h, mh in self._heads().items() if type(mh.base) is nn.Linear]
         return TaskSpec("MultiTaskModel", self.fingerprint, layers, states,
                         extra_hint="a MultiTaskModel serves per task only the gated layers, norm layers "
-                                   "and head: the task unfroze other parameters of the base")
+                                   "and head: the task unfroze other parameters of the base",
+                        label_keys=tuple(f"{h}.weight" for h in linear_heads) if heads else ())
 
     def _from_model(self, model: nn.Module, name: str):
         layers = list(taps_layers(model))
@@ -210,69 +406,79 @@ class MultiTaskModel(nn.Module):
         return tensors, thresholds, opened, heads
 
     def _plan(self, tensors: Dict[str, Tensor], thresholds: Dict[str, float], opened: Dict[str, bool],
-              head_modules: Optional[Dict[str, nn.Module]], where: str) -> TaskPlan:
-        """A checked task (check_header, check_values) as what _commit writes (nothing is
-        written here); the heads are rebuilt from their state or copied from the task's model."""
+              head_modules: Optional[Dict[str, nn.Module]], where: str, copy_tensors: bool = False,
+              device: Optional[torch.device] = None) -> TaskPlan:
+        """A checked task (check_header, check_values) as what add_prepared writes (nothing is
+        written here), its tensors on the device and dtype of what they will be written into
+        (``copy_tensors``: always copies, never views of ``tensors``; ``device``: on that device
+        instead); the heads are rebuilt from their state or copied from the task's model, on the
+        base head's device (or ``device``) and dtype."""
         problems: List[str] = []
-        plan_layers = {n: (tensors[f"score/{n}"], thresholds[n], tensors[f"delta/{n}"] if opened[n] else None)
-                       for n in self._layer_names}
+
+        def like(t: Tensor, ref: Tensor) -> Tensor:
+            return t.detach().to(device=device or ref.device, dtype=ref.dtype, copy=copy_tensors)
+
+        plan_layers = {}
+        for n, m in self._layers().items():
+            delta = like(tensors[f"delta/{n}"], m.deltas) if opened[n] else None
+            plan_layers[n] = (like(tensors[f"score/{n}"], m.scores), thresholds[n], delta)
         plan_norms = {}
         for n, m in self._norms().items():
-            plan_norms[n] = {k: tensors[f"state/{n}.{k}" if n else f"state/{k}"] for k in m.keys + m.buffer_keys}
+            plan_norms[n] = {k: like(tensors[f"state/{n}.{k}" if n else f"state/{k}"], getattr(m, k))
+                             for k in m.keys + m.buffer_keys}
         plan_heads = {}
         for h, mh in self._heads().items():
             if head_modules is not None and h in head_modules:
-                plan_heads[h] = copy.deepcopy(head_modules[h])
-                continue
-            state = {k[len(h) + 7:]: t for k, t in tensors.items() if k.startswith(f"state/{h}.")}
-            mod, why = head_from_state(mh.base, state)
-            if why:
-                problems.append(f"head {h!r}: {why}")
-            plan_heads[h] = mod
+                mod = copy.deepcopy(head_modules[h])
+            else:
+                state = {k[len(h) + 7:]: t for k, t in tensors.items() if k.startswith(f"state/{h}.")}
+                mod, why = head_from_state(mh.base, state)
+                if why:
+                    problems.append(f"head {h!r}: {why}")
+                    continue
+            plan_heads[h] = self._head_to(mh, mod, device)
         if problems:
             raise TaskFileError(f"{where} does not fit this MultiTaskModel: " + "; ".join(problems))
         return TaskPlan(plan_layers, plan_norms, plan_heads)
-
-    def _commit(self, plan: TaskPlan) -> None:
-        for n, m in self._layers().items():
-            m._append(*plan.layers[n])
-        for n, m in self._norms().items():
-            m._append(plan.norms[n])
-        for h, mh in self._heads().items():
-            ref = mh.base.weight if hasattr(mh.base, "weight") else None
-            mod = plan.heads[h]
-            if ref is not None:
-                mod = mod.to(device=ref.device, dtype=ref.dtype)
-            mod.train(self.training)
-            for p in mod.parameters():
-                p.requires_grad_(True)
-            mh.tasks.append(mod)
 
     def task_tensors(self, name: str) -> Dict[str, Tensor]:
         """The task as ``taps_fast.save_task`` stores it (score/, delta/ of open layers, state/)."""
         t = self.task_index(name)
         if t < 0:
             raise ValueError("task_tensors: the base model is not a task")
+        row = self._row_of[t]
         out: Dict[str, Tensor] = {}
         for n, m in self._layers().items():
-            out[f"score/{n}"] = m.scores.detach()[t]
-            d = m.task_delta(t)
-            if d is not None and bool(m.scores.detach()[t] >= m.thresholds[t]):
+            out[f"score/{n}"] = m.scores.detach()[row]
+            d = m.task_delta(row)
+            if d is not None and bool(m.scores.detach()[row] >= m.thresholds[row]):
                 out[f"delta/{n}"] = d.detach()
         for n, m in self._norms().items():
-            for k, v in m.task_state(t).items():
+            for k, v in m.task_state(row).items():
                 out[f"state/{n}.{k}" if n else f"state/{k}"] = v.detach()
         for h, mh in self._heads().items():
-            for k, v in mh.tasks[t].state_dict(prefix=h + ".").items():
+            for k, v in mh.tasks[row].state_dict(prefix=h + ".").items():
                 out[f"state/{k}"] = v.detach()
         return out
 
-    def save_task(self, name: str, path) -> int:
+    def save_task(self, name: str, path, labels: Optional[List[str]] = None) -> int:
         """Write one task to a task file (loadable by ``taps_fast.load_task`` into a converted
-        base, or by ``add_task``); returns its size in bytes."""
+        base, or by ``add_task``); returns its size in bytes. ``labels``: the class names to
+        store (one per output of an nn.Linear head); None: those the task was added with, if any."""
         t = self.task_index(name)
-        thresholds = {n: float(m.thresholds[t]) for n, m in self._layers().items()}
-        return write_task(self.task_tensors(name), thresholds, self.fingerprint, path)
+        if t < 0:
+            raise ValueError("save_task: the base model is not a task")
+        row = self._row_of[t]
+        if labels is None:
+            labels = self._labels.get(name)
+        else:
+            labels = check_label_list(labels, "save_task")
+            for h, mh in self._heads().items():
+                head = mh.tasks[row]
+                if type(head) is nn.Linear:
+                    check_label_count(labels, head.out_features, h, "save_task", ValueError)
+        thresholds = {n: float(m.thresholds[row]) for n, m in self._layers().items()}
+        return write_task(self.task_tensors(name), thresholds, self.fingerprint, path, labels=labels)
 
     # -- forward
     def _ids(self, task_ids, x) -> Tensor:
@@ -284,7 +490,9 @@ class MultiTaskModel(nn.Module):
             task_ids = torch.tensor([self._id_of(t) for t in task_ids], dtype=torch.int64, device=dev)
         if batch is None:
             raise TypeError("MultiTaskModel: x must be a tensor whose first dimension is the batch")
-        if torch.compiler.is_compiling():  # the id range check syncs the host: eager only
+        # The id range check syncs the host: eager only (not while compiling, nor while the
+        # current CUDA stream is being captured into a graph, where a sync is an error).
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             check_task_ids_meta("MultiTaskModel", task_ids, batch, dev)
         else:
             check_task_ids("MultiTaskModel", task_ids, batch, len(self.tasks), dev)
@@ -305,8 +513,9 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, x: Tensor, task_ids) -> Tensor:
         """Each sample through its own task (task_ids: [B] ints, -1 = base, or a list of task
-        names / ints); returns the base model's output form (see the module docstring)."""
-        ids = self._ids(task_ids, x)
+        names / ints); returns the base model's output form (see the module docstring). The
+        layers see rows, not public ids (``_rows``)."""
+        ids = self._rows(self._ids(task_ids, x))
         if x.device.type == "cpu" and self.cpu_chunk and ids.numel() and not torch.compiler.is_compiling():
             return self._forward_chunks(x, ids)
         self._ctx.ids = ids
@@ -316,7 +525,7 @@ class MultiTaskModel(nn.Module):
             self._ctx.ids = None
 
     def _forward_chunks(self, x: Tensor, ids: Tensor):
-        """The CPU path: the batch sorted by task (stable), then run in task-pure chunks (a loop
+        """The CPU path (ids: rows): the batch sorted by row (stable), then run in task-pure chunks (a loop
         over the tasks present, never over samples; in eval a large task is cut into chunks of
         ``cpu_chunk`` samples, in training each task is one chunk so that its BatchNorm
         statistics are over all its rows). Every layer then takes the single-task path: no gather,
@@ -344,13 +553,12 @@ class MultiTaskModel(nn.Module):
         out = _cat_chunks(outs)
         return out if perm is None else _unpermute(out, perm)
 
-    # -- accounting
     def weight_bytes(self) -> int:
         """Bytes of every parameter and buffer held (each storage once)."""
         return storage_bytes(list(self.parameters()) + list(self.buffers()))
 
     def extra_repr(self) -> str:
-        return f"tasks={self.tasks}"
+        return f"tasks={self.tasks}, rows={self._rows_cap}, pool_chunk={self.pool_chunk}"
 
 
 def storage_bytes(tensors) -> int:

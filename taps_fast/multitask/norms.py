@@ -1,9 +1,10 @@
 r"""The norm layers of a MultiTaskModel: each task's own affine parameters and running statistics.
 
 A norm layer keeps the base layer as it is (for the base rows) and every task's copy of its
-parameters and persistent buffers stacked ``[T, ...]``. ``norm_class_for`` picks the version:
-BatchNorm and LayerNorm as one pass over a mixed batch, any other norm by the layer's own forward
-once per task present.
+parameters and persistent buffers in tables ``[R_cap, ...]`` indexed by the task's row (stable
+while the task lives; free rows are zero; the tables grow by the model's ``pool_chunk`` rows).
+``norm_class_for`` picks the version: BatchNorm and LayerNorm as one pass over a mixed batch, any
+other norm by the layer's own forward once per task present.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from ._context import _Context, attach_context
 
 class _MTNorm(nn.Module):
     """Per-task copies of a norm layer's parameters (``keys``) and persistent buffers
-    (``buffer_keys``), each stacked [T, ...], with the base layer kept as it is for the base rows."""
+    (``buffer_keys``), each a table [R_cap, ...] by row, with the base layer kept as it is for the
+    base rows."""
 
     def __init__(self, base: nn.Module, ctx: _Context) -> None:
         super().__init__()
@@ -36,36 +38,54 @@ class _MTNorm(nn.Module):
             self.register_buffer(k, b.new_zeros((0,) + tuple(b.shape)))
 
     @property
-    def num_tasks(self) -> int:
+    def num_rows(self) -> int:
+        """The row capacity of the tables, free rows included."""
         return getattr(self, (self.keys + self.buffer_keys)[0]).shape[0]
 
-    def task_state(self, t: int) -> Dict[str, Tensor]:
-        return {k: getattr(self, k)[t] for k in self.keys + self.buffer_keys}
+    def task_state(self, row: int) -> Dict[str, Tensor]:
+        return {k: getattr(self, k)[row] for k in self.keys + self.buffer_keys}
 
-    def _append(self, state: Dict[str, Tensor]) -> None:
-        for k in self.keys:
-            p = getattr(self, k)
-            setattr(self, k, nn.Parameter(torch.cat([p.detach(), state[k].to(p).unsqueeze(0)]),
-                                          requires_grad=p.requires_grad))
-        for k in self.buffer_keys:
-            b = getattr(self, k)
-            setattr(self, k, torch.cat([b, state[k].to(b).unsqueeze(0)]))
+    # -- adding and removing a task (MultiTaskModel.add_prepared / remove_task)
+    @torch.no_grad()
+    def _grow_rows(self, cap: int) -> None:
+        """Grow every table to ``cap`` rows (new rows zero)."""
+        for k in self.keys + self.buffer_keys:
+            t = getattr(self, k)
+            if cap <= t.shape[0]:
+                continue
+            new = torch.cat([t.detach(), t.detach().new_zeros((cap - t.shape[0],) + tuple(t.shape[1:]))])
+            setattr(self, k, nn.Parameter(new, requires_grad=t.requires_grad) if k in self.keys else new)
 
-    def _remove(self, t: int) -> None:
-        keep = [i for i in range(self.num_tasks) if i != t]
-        for k in self.keys:
-            p = getattr(self, k)
-            setattr(self, k, nn.Parameter(p.detach()[keep], requires_grad=p.requires_grad))
-        for k in self.buffer_keys:
-            setattr(self, k, getattr(self, k)[keep])
+    @torch.no_grad()
+    def _write(self, row: int, state: Dict[str, Tensor]) -> None:
+        """Write a task's state into free row ``row`` (in place; tensors on any device)."""
+        for k in self.keys + self.buffer_keys:
+            getattr(self, k)[row].copy_(state[k])
+
+    @torch.no_grad()
+    def _clear(self, row: int) -> None:
+        """Free row ``row``: zero it in every table."""
+        for k in self.keys + self.buffer_keys:
+            getattr(self, k)[row].zero_()
+
+    def _row_nbytes(self, row: int = 0) -> int:
+        """Bytes one task row holds in this layer (the same for every row)."""
+        total = 0
+        for k in self.keys + self.buffer_keys:
+            t = getattr(self, k)
+            total += (t[0].numel() if t.shape[0] else getattr(self.base, k).numel()) * t.element_size()
+        return total
+
+    def _allocated_bytes(self) -> int:
+        return sum(getattr(self, k).numel() * getattr(self, k).element_size() for k in self.keys + self.buffer_keys)
 
     def _table(self, k: str) -> Tensor:
-        """[T + 1, ...]: the base's tensor at row 0, then the tasks' (index with ids + 1)."""
+        """[R_cap + 1, ...]: the base's tensor at row 0, then the rows' (index with rows + 1)."""
         mine = getattr(self, k)
         return torch.cat([getattr(self.base, k).to(mine).unsqueeze(0), mine])
 
     def extra_repr(self) -> str:
-        return f"{type(self.base).__name__}, tasks={self.num_tasks}"
+        return f"{type(self.base).__name__}, rows={self.num_rows}"
 
 
 class MultiTaskBatchNorm(_MTNorm):
@@ -101,8 +121,8 @@ class MultiTaskBatchNorm(_MTNorm):
         return torch.addcmul(c.view(shape).to(x.dtype), x, a.view(shape).to(x.dtype))
 
     def _forward_task(self, x: Tensor, t: int) -> Tensor:
-        """All samples of task t: F.batch_norm on the task's rows of the stacks (views, so the
-        running statistics update in place); the base with its running statistics."""
+        """All samples of row t: F.batch_norm on the row's entries of the tables (views, so the
+        running statistics update in place); the base (-1) with its running statistics."""
         m = self.base
         if t < 0:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)

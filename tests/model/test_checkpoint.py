@@ -207,3 +207,126 @@ def test_no_unpickling_anywhere_in_the_package():
                 for line in src.splitlines():
                     if "torch.load(" in line:
                         assert "weights_only=True" in line, (fn, line)
+
+
+# ----------------------------------------------------------------------------- labels
+LABELS = [f"class {i}" for i in range(7)]  # make_base has 7 classes
+
+
+def _rewrite_meta(path, dst, **fields):
+    """``path`` with metadata ``fields`` set (None: removed), checksum NOT recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for k, v in fields.items():
+        if v is None:
+            meta.pop(k, None)
+        else:
+            meta[k] = v
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_labels_round_trip(tmp_path):
+    from taps_fast.checkpoint import TaskFile
+    m = trained()
+    path = tmp_path / "lab.safetensors"
+    save_task(m, path, labels=LABELS)
+    tf = TaskFile(path)
+    assert tf.labels == LABELS and json.loads(tf.meta["labels"]) == LABELS
+    fresh = convert(make_base())
+    load_task(fresh, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), m.eval()(x))
+    assert TaskFile(tmp_path / "lab.safetensors").labels == LABELS
+    plain = tmp_path / "plain.safetensors"
+    save_task(m, plain)
+    assert TaskFile(plain).labels is None
+
+
+def test_labels_must_number_the_head_outputs(tmp_path):
+    m = trained()
+    with pytest.raises(ValueError, match="6 labels for the head 'fc', which has 7 outputs"):
+        save_task(m, tmp_path / "x.safetensors", labels=LABELS[:6])
+    assert not (tmp_path / "x.safetensors").exists()
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(_saved(m, tmp_path), bad,
+             lambda t, meta: meta.__setitem__("labels", json.dumps(LABELS + ["extra"])))
+    fresh = convert(make_base())
+    before = _state(fresh)
+    with pytest.raises(TaskFileError, match="8 labels for the head 'fc', which has 7 outputs"):
+        load_task(fresh, bad)
+    assert _unchanged(fresh, before)
+
+
+def _saved(m, tmp_path):
+    path = tmp_path / "src.safetensors"
+    save_task(m, path)
+    return path
+
+
+@pytest.mark.parametrize("value,msg", [
+    ('{"a": "b"}', "must be a JSON list of strings, got a dict"),
+    ('"cat"', "must be a JSON list of strings, got a str"),
+    ('["a", 1, "c", "d", "e", "f", "g"]', "item 1 is a int"),
+    ("[not json", "'labels' metadata is not valid JSON"),
+])
+def test_labels_that_are_not_a_list_of_str_are_refused(tmp_path, value, msg):
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(_saved(trained(), tmp_path), bad, lambda t, meta: meta.__setitem__("labels", value))
+    with pytest.raises(TaskFileError, match=re.escape(msg)):
+        load_task(convert(make_base()), bad)
+
+
+@pytest.mark.parametrize("labels,kind", [("abc", "str"), ([1, 2], "int"), ({"a": 1}, "dict")])
+def test_save_task_refuses_labels_that_are_not_a_list_of_str(tmp_path, labels, kind):
+    with pytest.raises(TypeError, match=f"labels must be a list of strings.*{kind}"):
+        save_task(trained(), tmp_path / "x.safetensors", labels=labels)
+
+
+def test_checksum_covers_labels(tmp_path):
+    path = tmp_path / "lab.safetensors"
+    save_task(trained(), path, labels=LABELS)
+    for value in (json.dumps(LABELS[::-1]), None):  # changed, or removed
+        bad = tmp_path / "bad.safetensors"
+        _rewrite_meta(path, bad, labels=value)
+        with pytest.raises(TaskFileError, match="corrupt"):
+            load_task(convert(make_base()), bad)
+    v1 = tmp_path / "v1.safetensors"
+    _rewrite_meta(path, v1, format_version="1")
+    with pytest.raises(TaskFileError, match="'labels' in a format version 1 file"):
+        load_task(convert(make_base()), v1)
+
+
+def _parts_of(path):
+    """(header as parsed JSON, data bytes) of a safetensors file. safetensors writes the metadata
+    fields in a random order (a Rust HashMap): two writes of one file differ in that order only,
+    old code or new, so "the same file" is the same header content and the same data bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return len(data), json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def test_a_file_without_labels_is_byte_identical_to_before(tmp_path):
+    """labels=None writes exactly the file written before labels existed: the same metadata
+    fields (no 'labels'), the same size, header content and data bytes as the old code path
+    (reproduced here)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from taps_fast import __version__, base_fingerprint
+    from taps_fast.checkpoint import FORMAT, FORMAT_VERSION, _checksum, task_tensors
+    m = trained()
+    a, b, old = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "old.safetensors"
+    save_task(m, a)
+    save_task(m, b, labels=None)
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in task_tensors(m).items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "taps_fast_version": __version__,
+            "base_fingerprint": base_fingerprint(m),
+            "thresholds": json.dumps({n: float(l.threshold) for n, l in taps_layers(m)}, separators=(",", ":"))}
+    meta["checksum"] = _checksum(tensors.items(), meta)
+    save_file(tensors, str(old), metadata=meta)
+    assert _parts_of(a) == _parts_of(b) == _parts_of(old)
+    with safe_open(str(a), "pt") as f:
+        assert "labels" not in f.metadata()

@@ -330,6 +330,8 @@ def assert_same_training(got, ref, what):
     for k, e in ref.items():
         a = got[k]
         assert a.shape == e.shape and a.dtype == e.dtype, (what, k, a.shape, e.shape, a.dtype, e.dtype)
+        if e.numel() == 0:  # a free row's placeholder head (nn.Linear(in, 0))
+            continue
         if not e.is_floating_point():
             assert torch.equal(a, e), f"{what}: {k} differs"
         else:

@@ -46,11 +46,11 @@ def make_task(plain, seed, classes, close_every=3):
     return m
 
 
-def build(arch, T=4, via_file=(), tmp_path=None, classes=None, cpu_chunk=8):
+def build(arch, T=4, via_file=(), tmp_path=None, classes=None, cpu_chunk=8, pool_chunk=8):
     plain = make_plain(arch)
     tasks = [make_task(plain, seed=s + 1, classes=(classes or [3, 7, 5, 2, 4, 6])[s % 6]) for s in range(T)]
     base_oracle = convert(copy.deepcopy(plain))
-    mt = MultiTaskModel(copy.deepcopy(plain), cpu_chunk=cpu_chunk)
+    mt = MultiTaskModel(copy.deepcopy(plain), cpu_chunk=cpu_chunk, pool_chunk=pool_chunk)
     for i, t in enumerate(tasks):
         if i in via_file:
             path = tmp_path / f"t{i}.safetensors"
@@ -116,16 +116,21 @@ def test_mixed_batch_matches_each_tasks_model(arch, dist, cpu_chunk, tmp_path):
     check_rows(out, rows, ids, tasks, base_oracle)
 
 
-def test_layers_hold_stacked_open_deltas_only():
-    mt, tasks, _ = build("test_resnet", T=4)
-    layers = [m for m in mt.modules() if hasattr(m, "slot")]
-    assert layers
-    total_open = 0
-    for layer in layers:
-        assert layer.deltas.shape[0] == int((layer.slot >= 0).sum())
-        total_open += layer.deltas.shape[0]
-    expected = sum(sum(1 for _, l in taps_layers(t) if l.is_open) for t in tasks)
-    assert total_open == expected
+def test_layers_hold_open_deltas_only():
+    """Each layer's slot pool holds the open deltas only (one slot per task that opened it, the
+    other slots free), in a pool at most a quarter (or one slot) larger than that."""
+    for chunk in (8, 1):
+        mt, tasks, _ = build("test_resnet", T=4, pool_chunk=chunk)
+        layers = [m for m in mt.modules() if hasattr(m, "slot")]
+        assert layers
+        total_open = 0
+        for layer in layers:
+            used = int((layer.slot >= 0).sum())
+            assert used == layer.slots_used
+            assert used <= layer.deltas.shape[0] <= max(used + 1, used * 5 // 4 + 1)
+            total_open += used
+        expected = sum(sum(1 for _, l in taps_layers(t) if l.is_open) for t in tasks)
+        assert total_open == expected
     kinds = {type(m) for m in mt.modules()}
     assert MultiTaskBatchNorm in kinds and MultiTaskHead in kinds
     vit, _, _ = build("test_vit", T=2)
@@ -166,23 +171,24 @@ def test_joint_training_gradients_equal_each_tasks_own(arch, cpu_chunk):
     for t, model in enumerate(tasks):
         rows = (ids == t).nonzero().flatten()
         F.cross_entropy(model(x[rows]), labels[rows], reduction="sum").backward()
+        r = mt._row_of[t]  # the task's row (its public id here: no task was removed)
         for name, layer in taps_layers(model):
             mtl = layers["base." + name]
-            ds = mtl.scores.grad[t] if mtl.scores.grad is not None else torch.zeros((), dtype=torch.float64)
+            ds = mtl.scores.grad[r] if mtl.scores.grad is not None else torch.zeros((), dtype=torch.float64)
             assert_rel_close(ds, layer.score.grad, torch.float64, bounds=RTOL_MODEL, what=f"ds {name} task {t}")
-            s = int(mtl.slot[t])
+            s = int(mtl.slot[mt._row_of[t]])
             if layer.is_open:
                 assert_rel_close(mtl.deltas.grad[s], layer.delta.grad, torch.float64, bounds=RTOL_MODEL, what=f"dΔW {name} task {t}")
         for name, mod in model.named_modules():
             key = "base." + name
             if key in norms:
                 for k, p in mod.named_parameters(recurse=False):
-                    assert_rel_close(getattr(norms[key], k).grad[t], p.grad, torch.float64, bounds=RTOL_MODEL, what=f"d{k} {name} task {t}")
+                    assert_rel_close(getattr(norms[key], k).grad[r], p.grad, torch.float64, bounds=RTOL_MODEL, what=f"d{k} {name} task {t}")
                 if isinstance(norms[key], MultiTaskBatchNorm):
-                    assert_rel_close(norms[key].running_mean[t], mod.running_mean, torch.float64, bounds=RTOL_MODEL, what=f"running mean {name}")
-                    assert_rel_close(norms[key].running_var[t], mod.running_var, torch.float64, bounds=RTOL_MODEL, what=f"running var {name}")
+                    assert_rel_close(norms[key].running_mean[r], mod.running_mean, torch.float64, bounds=RTOL_MODEL, what=f"running mean {name}")
+                    assert_rel_close(norms[key].running_var[r], mod.running_var, torch.float64, bounds=RTOL_MODEL, what=f"running var {name}")
         head = model.get_classifier()
-        assert_rel_close(heads[0].tasks[t].weight.grad, head.weight.grad, torch.float64, bounds=RTOL_MODEL, what=f"head task {t}")
+        assert_rel_close(heads[0].tasks[r].weight.grad, head.weight.grad, torch.float64, bounds=RTOL_MODEL, what=f"head task {t}")
     # the shared base stays frozen: only the tasks' stacks and heads train
     trainable = {n for n, p in mt.named_parameters() if p.requires_grad}
     expected = {n for n, p in mt.named_parameters()
@@ -222,9 +228,10 @@ def test_remove_task_shifts_ids():
 
 
 def test_memory_is_base_plus_open_deltas():
+    """pool_chunk=1: the pools hold exactly the tasks (a larger chunk holds free slots too)."""
     plain = make_plain("test_resnet")
     base_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())
-    mt, tasks, _ = build("test_resnet", T=4)
+    mt, tasks, _ = build("test_resnet", T=4, pool_chunk=1)
     open_bytes = sum(l.delta.numel() * l.delta.element_size() for t in tasks for _, l in taps_layers(t) if l.is_open)
     extra = mt.weight_bytes() - base_bytes - open_bytes
     # what is left: norms (params + running stats), heads, scores, slot maps: small
