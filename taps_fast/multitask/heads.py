@@ -98,7 +98,9 @@ class MultiTaskHead(nn.Module):
 
     def _linear(self, f: Tensor, ids: Tensor) -> Tensor:
         heads = [self.base] + list(self.tasks)
-        if torch.compiler.is_compiling() or _needs_grad(heads):
+        if torch.compiler.is_compiling() or _needs_grad(heads) or _any_inference(heads):
+            # inference tensors (heads made under torch.inference_mode) keep no version counter:
+            # an in-place change could not be seen, so they are concatenated every call
             w, b, offs_t, sizes_t, cmax = _concat(heads, f)
         else:
             w, b, offs_t, sizes_t, cmax = self._cached_concat(heads, f)
@@ -186,3 +188,7 @@ def head_from_state(base: nn.Module, state: Dict[str, Tensor]) -> Tuple[Optional
     mod = copy.deepcopy(base)
     mod.load_state_dict(state)
     return mod, None
+
+
+def _any_inference(heads) -> bool:
+    return any(p is not None and p.is_inference() for h in heads for p in (h.weight, h.bias))

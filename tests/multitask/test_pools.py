@@ -407,6 +407,23 @@ def test_head_cache_is_invalidated(tmp_path):
         assert head._cat_cache[0] != key  # another dtype: rebuilt
 
 
+def test_tasks_added_under_inference_mode_serve_exactly():
+    """Heads made under torch.inference_mode are inference tensors (no version counter): the
+    head concatenates them every call instead of caching, and still answers exactly."""
+    plain = make_plain("test_resnet")
+    tasks = [make_task(plain, seed=s, classes=3 + s).eval() for s in (1, 2)]
+    base_oracle = convert(copy.deepcopy(plain)).eval()
+    mt = MultiTaskModel(copy.deepcopy(plain), cpu_chunk=0).eval()
+    with torch.inference_mode():
+        for i, t in enumerate(tasks):
+            mt.add_task(f"t{i}", t)
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+        y = mt(x, torch.tensor([0, 1, -1, 1]))
+    assert _heads(mt)[0]._cat_cache is None
+    assert torch.isfinite(y[:, :3]).all()
+    _serve_check(mt, {"t0": tasks[0], "t1": tasks[1]}, base_oracle)
+
+
 # ----------------------------------------------------------------------------- placeholders
 class _Tiny(nn.Module):
     """conv, BatchNorm, pooling and a head that is not an nn.Linear (placeholders: nn.Identity)."""
