@@ -542,3 +542,31 @@ def test_add_prepared_takes_a_cpu_plan_into_a_cuda_model():
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got))
     assert torch.allclose(got[finite], want[finite], rtol=1e-2, atol=1e-2)  # TF32 on the GPU
+
+
+# ----------------------------------------------------------------------------- the CPU path's choice
+@pytest.mark.parametrize("ids,chunks", [([0, 0, 0, 0, 1, 1, 1, 1], True),  # 2 tasks present, 4 rows each
+                                         ([0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1], True),  # base counts as one
+                                         ([0, 1, -1, 2, 3, 0, 1, 2], False)])  # 5 present in 8 rows
+def test_cpu_path_choice(monkeypatch, ids, chunks):
+    """In eval, the CPU runs chunks when the tasks present average CPU_CHUNK_MIN_ROWS rows or
+    more, else the mixed-batch ops; both answer as each task's own model."""
+    monkeypatch.setattr(MultiTaskModel, "CPU_CHUNK_MIN_ROWS", 4)
+    mt, tasks, base_oracle = build("test_resnet", T=4)
+    mt.eval()
+    calls = []
+    real = mt._forward_chunks
+    monkeypatch.setattr(mt, "_forward_chunks", lambda x, i: calls.append(1) or real(x, i))
+    x = torch.randn(len(ids), 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = mt(x, torch.tensor(ids))
+    present = len(set(ids))
+    assert bool(calls) == (present * 4 <= len(ids)) == chunks
+    own = [t.eval() for t in tasks]
+    with torch.no_grad():
+        check_rows(y, oracle_rows(x, torch.tensor(ids), own, base_oracle.eval()), torch.tensor(ids), own, base_oracle)
+    if chunks:  # training chunks too (BatchNorm statistics over each task's rows: 2+ rows each)
+        mt.train()
+        calls.clear()
+        mt(x, torch.tensor(ids))
+        assert calls
