@@ -9,12 +9,14 @@ PIP    := $(PY) -m pip
 PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0 tqdm==4.70.1 \
           numpy==2.4.6 pybind11==3.1.0 ninja==1.13.2 pytest==9.2.0 pytest-benchmark==5.3.1 pytest-xdist==3.8.0 hypothesis==6.170.17 ruff==0.17.6 \
           setuptools==84.2.1 wheel==0.48.0 \
-          scikit-learn==1.9.1 matplotlib==3.11.2 peft==0.21.2 transformers==5.24.0
+          scikit-learn==1.9.1 matplotlib==3.11.2 peft==0.21.2 transformers==5.24.0 \
+          fastapi==0.142.2 uvicorn==0.54.0 prometheus-client==0.26.0 python-multipart==0.0.32 pillow==12.3.0 \
+          httpx==0.28.1 ray[serve]==2.58.0
 STAMP  := $(VENV)/.taps_fast-installed
 # nvcc's usual location; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: setup test bench bench-layers bench-kernels bench-small bench-overhead check-kernels info demo clean
+.PHONY: setup test bench bench-layers bench-kernels bench-small bench-overhead bench-serve check-kernels info demo serve clean
 
 setup: $(STAMP)
 
@@ -72,6 +74,17 @@ check-kernels: $(STAMP)
 
 info: $(STAMP)
 	$(PY) -m taps_fast.info
+
+# The HTTP server on 127.0.0.1:8000. Without ARGS it serves the example (a seeded resnet18 and four
+# synthetic tasks written to .serve-example/: nothing downloaded); your own tasks:
+# make serve ARGS="--model resnet50 --base-weights base.safetensors --tasks tasks/"
+serve: $(STAMP)
+	$(PY) -m taps_fast.serve $(or $(ARGS),--example .serve-example)
+
+# The server against per-task merged models and the base alone, one HTTP stack, zipf traffic
+# over T in {8, 64} tasks (docs/serving.md#benchmark).
+bench-serve: $(STAMP)
+	$(PY) -m taps_fast.bench --suite serve $(ARGS)
 
 # End to end on scikit-learn's handwritten digits (shipped inside the package: nothing downloaded):
 # pretrain a small CNN, adapt it to 4 tasks by full fine-tuning, head-only and TAPS, serve all tasks

@@ -1,4 +1,4 @@
-"""The ``taps-fast`` command: ``taps-fast bench [...]``, ``taps-fast info [...]``, ``taps-fast demo [...]``.
+"""The ``taps-fast`` command: ``taps-fast bench|info|serve|demo [...]``.
 
 Each subcommand forwards the rest of the command line to its module's ``main`` (imported only
 when used), so ``taps-fast bench --help`` shows the benchmark's own options.
@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 COMMANDS = {
     "bench": ("taps_fast.bench", "benchmark TAPS-converted timm models against the plain model"),
     "info": ("taps_fast.info", "print versions, the compiled extension and which backends serve here"),
+    "serve": ("taps_fast.serve.__main__", "serve many tasks over HTTP in mixed-task batches (FastAPI + uvicorn)"),
     "demo": ("taps_fast.demo", "end-to-end TAPS demo on handwritten digits: FT vs head-only vs TAPS, serving"),
 }
 

@@ -17,6 +17,12 @@ def _models(argv: List[str]) -> int:
     return models.main(argv, suites=tuple(REGISTRY))
 
 
+def _serve(argv: List[str]) -> int:  # imported on use: the serve extras (FastAPI, uvicorn) are optional
+    from . import serve
+
+    return serve.main(argv)
+
+
 # name -> runner(argv) -> exit status. The order is the one --suite's help lists.
 REGISTRY: Dict[str, Callable[[List[str]], int]] = {
     "models": _models,
@@ -24,6 +30,7 @@ REGISTRY: Dict[str, Callable[[List[str]], int]] = {
     "multitask": multitask.main,
     "small": small.main,
     "overhead": overhead.main,
+    "serve": _serve,
 }
 
 
