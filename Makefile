@@ -82,7 +82,7 @@ serve: $(STAMP)
 	$(PY) -m taps_fast.serve $(or $(ARGS),--example .serve-example)
 
 # The server against per-task merged models and the base alone, one HTTP stack, zipf traffic
-# over T in {8, 64} tasks (docs/serving.md#benchmark).
+# over T in {8, 64} tasks (docs/serving.md, "Benchmark").
 bench-serve: $(STAMP)
 	$(PY) -m taps_fast.bench --suite serve $(ARGS)
 
