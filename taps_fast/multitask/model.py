@@ -79,7 +79,8 @@ class MultiTaskModel(nn.Module):
     their multi-task versions (a plain model is first converted with ``convert(model,
     **convert_kwargs)``; a converted model's own deltas and scores are not used: the base is W).
     ``cpu_chunk``: on the CPU the batch runs in task-pure chunks of at most this many samples in
-    eval when the tasks present average ``CPU_CHUNK_MIN_ROWS`` rows or more (see ``forward`` and
+    eval when one task is present or the tasks present average ``CPU_CHUNK_MIN_ROWS`` rows or
+    more (see ``forward`` and
     ``_forward_chunks``; 8 was fastest for ResNet-50 on a 2-core x86_64 CPU); 0 runs the
     mixed batch in one call through the mixed-batch ops, as on a GPU. ``pool_chunk``: the rows
     are allocated this many at a time (the delta slot pools grow by a quarter; see the module
@@ -91,7 +92,8 @@ class MultiTaskModel(nn.Module):
     # and add each open task's ΔW·x. Batch of 32, timm resnet18 / vit_tiny at 128 px, 1 thread,
     # 2-core x86_64 (no GPU, torch 2.14.1), time vs the base model alone: 6 tasks present,
     # chunks 0.84 / 0.79, mixed 0.75 / 0.70; 19 tasks present, chunks 0.72 / 0.59, mixed 0.74 /
-    # 0.67. So chunks when the tasks present average at least this many rows, else mixed.
+    # 0.67. So chunks when one task is present or the tasks present average at least this many
+    # rows, else mixed.
     CPU_CHUNK_MIN_ROWS = 4
 
     def __init__(self, base_model: nn.Module, cpu_chunk: int = 8, pool_chunk: int = 8, **convert_kwargs) -> None:
@@ -526,7 +528,8 @@ class MultiTaskModel(nn.Module):
         layers see rows, not public ids (``_rows``)."""
         ids = self._rows(self._ids(task_ids, x))
         if x.device.type == "cpu" and self.cpu_chunk and ids.numel() and not torch.compiler.is_compiling():
-            if self.training or torch.unique(ids).numel() * self.CPU_CHUNK_MIN_ROWS <= ids.numel():
+            present = torch.unique(ids).numel()
+            if self.training or present == 1 or present * self.CPU_CHUNK_MIN_ROWS <= ids.numel():
                 return self._forward_chunks(x, ids)
             # many tasks, few rows each: one pass of the mixed-batch ops beats a forward per task
         self._ctx.ids = ids

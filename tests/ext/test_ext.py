@@ -265,6 +265,7 @@ def test_small_batch_multitask_serving_on_cpp_matches_each_task_alone(cpu_chunk,
             calls[_op] += 1
             return _f(*a)
         monkeypatch.setitem(ext_backend.KERNELS, op, counted)
+    monkeypatch.setattr(taps_fast.MultiTaskModel, "CPU_CHUNK_MIN_ROWS", 0)  # chunks, however few rows per task
     mt, tasks, base_oracle = build("test_vit", T=3, cpu_chunk=cpu_chunk)
     for m in [mt, base_oracle] + tasks:
         m.eval()

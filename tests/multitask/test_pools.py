@@ -547,10 +547,11 @@ def test_add_prepared_takes_a_cpu_plan_into_a_cuda_model():
 # ----------------------------------------------------------------------------- the CPU path's choice
 @pytest.mark.parametrize("ids,chunks", [([0, 0, 0, 0, 1, 1, 1, 1], True),  # 2 tasks present, 4 rows each
                                          ([0, 0, 0, 0, 1, 1, 1, 1, -1, -1, -1, -1], True),  # base counts as one
-                                         ([0, 1, -1, 2, 3, 0, 1, 2], False)])  # 5 present in 8 rows
+                                         ([0, 1, -1, 2, 3, 0, 1, 2], False),  # 5 present in 8 rows
+                                         ([1, 1], True)])  # one task present: always chunks
 def test_cpu_path_choice(monkeypatch, ids, chunks):
-    """In eval, the CPU runs chunks when the tasks present average CPU_CHUNK_MIN_ROWS rows or
-    more, else the mixed-batch ops; both answer as each task's own model."""
+    """In eval, the CPU runs chunks when one task is present or the tasks present average
+    CPU_CHUNK_MIN_ROWS rows or more, else the mixed-batch ops; both answer as each task's own model."""
     monkeypatch.setattr(MultiTaskModel, "CPU_CHUNK_MIN_ROWS", 4)
     mt, tasks, base_oracle = build("test_resnet", T=4)
     mt.eval()
@@ -561,7 +562,7 @@ def test_cpu_path_choice(monkeypatch, ids, chunks):
     with torch.no_grad():
         y = mt(x, torch.tensor(ids))
     present = len(set(ids))
-    assert bool(calls) == (present * 4 <= len(ids)) == chunks
+    assert bool(calls) == (present == 1 or present * 4 <= len(ids)) == chunks
     own = [t.eval() for t in tasks]
     with torch.no_grad():
         check_rows(y, oracle_rows(x, torch.tensor(ids), own, base_oracle.eval()), torch.tensor(ids), own, base_oracle)
