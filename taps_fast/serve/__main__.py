@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                                                         "no limit); LRU eviction past it")
     g.add_argument("--host-cache-mb", type=float, default=d.host_cache_mb,
                    help="checked tasks kept in host memory for fast reloads")
-    g.add_argument("--pool-chunk", type=int, default=d.pool_chunk, help="task slots each pool grows by")
+    g.add_argument("--pool-chunk", type=int, default=d.pool_chunk, help="rows the model's task tables grow by")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=d.max_batch)
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
