@@ -26,7 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -53,36 +53,48 @@ def make_base(arch: str, device, dtype) -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=1000, **kw).to(device, dtype).eval()
 
 
-def write_tasks(arch: str, T: int, open_frac: float, folder: str) -> List[str]:
-    """T task files for the base of ``arch``: a random ``open_frac`` of the gated layers open."""
-    from ..checkpoint import base_fingerprint, write_task
-    from ..convert import convert, task_state_keys, taps_layers
+def synthetic_task(conv: nn.Module, g: torch.Generator, open_frac: float,
+                   classes: Union[int, Tuple[int, int]]) -> Dict[str, torch.Tensor]:
+    """A random task's tensors for the converted base ``conv`` (save_task's keys): a random
+    ``open_frac`` of the gated layers open (score 0.2 above τ = 0.1, a small random ΔW), the
+    others closed (score 0.02, no ΔW), the norm state perturbed, a new head of ``classes``
+    outputs (a (lo, hi) pair: drawn from ``g``, both ends included)."""
+    from ..convert import task_state_keys, taps_layers
 
-    conv = convert(make_base(arch, "cpu", torch.float32))
     layers = list(taps_layers(conv))
     norm_keys, head_keys = task_state_keys(conv)
     state = conv.state_dict()
+    n_open = max(1, round(open_frac * len(layers)))
+    opened = set(torch.randperm(len(layers), generator=g)[:n_open].tolist())
+    tensors: Dict[str, torch.Tensor] = {}
+    for i, (name, m) in enumerate(layers):
+        tensors[f"score/{name}"] = torch.tensor(0.2 if i in opened else 0.02)
+        if i in opened:
+            tensors[f"delta/{name}"] = torch.randn(m.weight.shape, generator=g) * 0.01
+    for k in norm_keys:
+        v = state[k]
+        tensors[f"state/{k}"] = v + 0.05 * torch.rand(v.shape, generator=g) if v.is_floating_point() else v
+    if not isinstance(classes, int):
+        classes = int(torch.randint(classes[0], classes[1] + 1, (1,), generator=g))
+    prefix = [h for h in head_keys if h.endswith(".weight")][0][: -len("weight")]
+    tensors[f"state/{prefix}weight"] = torch.randn(classes, conv.get_classifier().in_features, generator=g) * 0.02
+    tensors[f"state/{prefix}bias"] = torch.zeros(classes)
+    return tensors
+
+
+def write_tasks(arch: str, T: int, open_frac: float, folder: str) -> List[str]:
+    """T task files for the base of ``arch`` (synthetic_task, 10 to 200 classes each)."""
+    from ..checkpoint import base_fingerprint, write_task
+    from ..convert import convert, taps_layers
+
+    conv = convert(make_base(arch, "cpu", torch.float32))
     fp = base_fingerprint(conv)
-    head = conv.get_classifier()
+    thresholds = {n: 0.1 for n, _ in taps_layers(conv)}
     paths = []
     for t in range(T):
-        g = torch.Generator().manual_seed(100 + t)
-        n_open = max(1, round(open_frac * len(layers)))
-        opened = set(torch.randperm(len(layers), generator=g)[:n_open].tolist())
-        tensors: Dict[str, torch.Tensor] = {}
-        for i, (name, m) in enumerate(layers):
-            tensors[f"score/{name}"] = torch.tensor(0.2 if i in opened else 0.02)
-            if i in opened:
-                tensors[f"delta/{name}"] = torch.randn(m.weight.shape, generator=g) * 0.01
-        for k in norm_keys:
-            v = state[k]
-            tensors[f"state/{k}"] = v + 0.05 * torch.rand(v.shape, generator=g) if v.is_floating_point() else v
-        classes = int(torch.randint(10, 201, (1,), generator=g))
-        prefix = [h for h in head_keys if h.endswith(".weight")][0][: -len("weight")]
-        tensors[f"state/{prefix}weight"] = torch.randn(classes, head.in_features, generator=g) * 0.02
-        tensors[f"state/{prefix}bias"] = torch.zeros(classes)
+        tensors = synthetic_task(conv, torch.Generator().manual_seed(100 + t), open_frac, (10, 200))
         path = os.path.join(folder, f"{arch}_task{t}.safetensors")
-        write_task(tensors, {n: 0.1 for n, _ in layers}, fp, path)
+        write_task(tensors, thresholds, fp, path)
         paths.append(path)
     return paths
 

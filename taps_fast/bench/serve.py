@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import io
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from .harness import environment, write_record
-from .multitask import RESOLUTION, make_base, merged_copy, resolution, write_tasks
+from .multitask import RESOLUTION, make_base, merged_copy, resolution, weight_bytes, write_tasks
 
 MODELS = {"resnet18": 128, "vit_tiny_patch16_224": 128}
 SYSTEMS = ("base", "taps", "merged_equal", "merged_all")
@@ -63,8 +64,6 @@ class MergedModels(nn.Module):
 
         super().__init__()
         self.base = base.eval()
-        import copy
-
         self.fingerprint = base_fingerprint(convert(copy.deepcopy(base)))
         self.head = resolve_head(base)[0]
         self.models: Dict[str, nn.Module] = {}
@@ -75,7 +74,6 @@ class MergedModels(nn.Module):
 
     def prepare_task(self, name: str, path: str) -> PreparedModel:
         from ..checkpoint import TaskFile
-        from .multitask import weight_bytes
 
         p = next(self.base.parameters())
         tensors = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v
@@ -90,8 +88,6 @@ class MergedModels(nn.Module):
         del self.models[name]
 
     def task_bytes(self, name: str) -> int:
-        from .multitask import weight_bytes
-
         return weight_bytes([self.models[name]])
 
     def task_labels(self, name: str):
@@ -107,8 +103,6 @@ class MergedModels(nn.Module):
                 "delta_slots_used": 0, "bytes_allocated": used, "bytes_used": used}
 
     def weight_bytes(self) -> int:
-        from .multitask import weight_bytes
-
         return weight_bytes([self.base] + list(self.models.values()))
 
     def forward(self, x, names):
@@ -320,8 +314,6 @@ def run_case(arch: str, T: int, args, say) -> List[dict]:
         images = sample_jpegs(resolution(arch))
         # bytes: the plain model, one merged copy, each task's own bytes (what taps adds per task)
         base = make_base(arch, "cpu", torch.float32)
-        from .multitask import weight_bytes
-
         model_bytes = weight_bytes([base])
         del base
         sizes = {n: os.path.getsize(p) for n, p in zip(names, paths)}

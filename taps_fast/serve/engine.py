@@ -89,7 +89,7 @@ class Engine:
 
     def __init__(self, model: MultiTaskModel, pool: TaskPool, *, max_batch: int = 32, max_wait_ms: float = 5.0,
                  max_tasks_per_batch: int = 16, max_queue: int = 1024, buckets: Optional[Sequence[int]] = None,
-                 loaders: int = 1, metrics=None, allowed_dirs: Optional[Sequence[str]] = None) -> None:
+                 loaders: int = 1, metrics=None) -> None:
         for what, v, lo in (("max_batch", max_batch, 1), ("max_tasks_per_batch", max_tasks_per_batch, 1),
                             ("max_queue", max_queue, 1), ("loaders", loaders, 1)):
             if not isinstance(v, int) or v < lo:

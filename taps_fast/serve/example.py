@@ -23,8 +23,9 @@ def write_example(folder: str, model: str = EXAMPLE_MODEL, tasks=EXAMPLE_TASKS, 
     import timm
     from safetensors.torch import save_file
 
+    from ..bench.multitask import synthetic_task
     from ..checkpoint import base_fingerprint, write_task
-    from ..convert import convert, task_state_keys, taps_layers
+    from ..convert import convert, taps_layers
 
     os.makedirs(os.path.join(folder, "tasks"), exist_ok=True)
     base_path = os.path.join(folder, "base.safetensors")
@@ -33,31 +34,14 @@ def write_example(folder: str, model: str = EXAMPLE_MODEL, tasks=EXAMPLE_TASKS, 
     if not os.path.exists(base_path):
         save_file({k: v.contiguous() for k, v in base.state_dict().items()}, base_path)
     conv = convert(base)
-    layers = list(taps_layers(conv))
-    norm_keys, head_keys = task_state_keys(conv)
-    state = conv.state_dict()
-    head = conv.get_classifier()
-    prefix = [h for h in head_keys if h.endswith(".weight")][0][: -len("weight")]
     fp = base_fingerprint(conv)
+    thresholds = {n: 0.1 for n, _ in taps_layers(conv)}
     paths: List[str] = []
     for t, name in enumerate(tasks):
         path = os.path.join(folder, "tasks", f"{name}.safetensors")
         paths.append(path)
-        if os.path.exists(path):
-            continue
-        g = torch.Generator().manual_seed(seed + 1 + t)
-        opened = set(torch.randperm(len(layers), generator=g)[: max(1, round(open_frac * len(layers)))].tolist())
-        tensors = {}
-        for i, (lname, m) in enumerate(layers):
-            tensors[f"score/{lname}"] = torch.tensor(0.2 if i in opened else 0.02)
-            if i in opened:
-                tensors[f"delta/{lname}"] = torch.randn(m.weight.shape, generator=g) * 0.01
-        for k in norm_keys:
-            v = state[k]
-            tensors[f"state/{k}"] = v + 0.05 * torch.rand(v.shape, generator=g) if v.is_floating_point() else v
-        classes = 5 + 3 * t
-        tensors[f"state/{prefix}weight"] = torch.randn(classes, head.in_features, generator=g) * 0.05
-        tensors[f"state/{prefix}bias"] = torch.zeros(classes)
-        write_task(tensors, {n: 0.1 for n, _ in layers}, fp, path,
-                   labels=[f"{name}-{c}" for c in range(classes)])
+        if not os.path.exists(path):
+            classes = 5 + 3 * t
+            tensors = synthetic_task(conv, torch.Generator().manual_seed(seed + 1 + t), open_frac, classes)
+            write_task(tensors, thresholds, fp, path, labels=[f"{name}-{c}" for c in range(classes)])
     return {"base": base_path, "tasks_dir": os.path.join(folder, "tasks"), "tasks": paths, "model": model}

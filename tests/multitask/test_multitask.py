@@ -326,6 +326,16 @@ def test_cross_entropy_on_padded_logits_is_finite():
     assert all(torch.isfinite(p.grad).all() for p in mt.parameters() if p.grad is not None)
 
 
+def assert_compiled_matches_eager(mt, x, ids):
+    """torch.compile(fullgraph=True) of ``mt`` (eval, float32) traces and answers as eager."""
+    with torch.no_grad():
+        eager = mt(x, ids)
+        compiled = torch.compile(mt, fullgraph=True)(x, ids)
+    finite = torch.isfinite(eager)
+    assert torch.equal(finite, torch.isfinite(compiled))
+    assert_rel_close(compiled[finite], eager[finite], torch.float32, "compiled", bounds=RTOL_MODEL)
+
+
 @pytest.mark.parametrize("arch", ["test_resnet", "test_vit"])
 def test_torch_compile_fullgraph(arch):
     """The mixed batch traces without graph breaks (the ops are custom ops; the id range check
@@ -334,12 +344,7 @@ def test_torch_compile_fullgraph(arch):
     mt = mt.float().eval()
     x = torch.randn(5, 3, SIZES[arch], SIZES[arch])
     ids = torch.tensor([2, -1, 0, 2, 1])
-    with torch.no_grad():
-        eager = mt(x, ids)
-        compiled = torch.compile(mt, fullgraph=True)(x, ids)
-    finite = torch.isfinite(eager)
-    assert torch.equal(finite, torch.isfinite(compiled))
-    assert_rel_close(compiled[finite], eager[finite], torch.float32, "compiled", bounds=RTOL_MODEL)
+    assert_compiled_matches_eager(mt, x, ids)
     mt.train()
     out = torch.compile(mt, fullgraph=True)(x, ids)
     F.cross_entropy(out, torch.tensor([0, 1, 2, 0, 1])).backward()

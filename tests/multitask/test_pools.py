@@ -14,7 +14,7 @@ from taps_fast.multitask import MultiTaskHead, PreparedTask
 from taps_fast.multitask.layers import _MTGated
 from taps_fast.multitask.norms import _MTNorm
 
-from test_multitask import build, check_rows, make_plain, make_task, oracle_rows
+from test_multitask import assert_compiled_matches_eager, build, check_rows, make_plain, make_task, oracle_rows
 
 
 def _layers(mt):
@@ -508,12 +508,7 @@ def test_torch_compile_fullgraph_with_free_rows():
     mt = mt.float().eval()
     x = torch.randn(5, 3, 32, 32)
     ids = torch.tensor([1, -1, 0, 1, 0])
-    with torch.no_grad():
-        eager = mt(x, ids)
-        compiled = torch.compile(mt, fullgraph=True)(x, ids)
-    finite = torch.isfinite(eager)
-    assert torch.equal(finite, torch.isfinite(compiled))
-    assert torch.allclose(compiled[finite], eager[finite], rtol=1e-4, atol=1e-4)
+    assert_compiled_matches_eager(mt, x, ids)
 
 
 @pytest.mark.gpu
