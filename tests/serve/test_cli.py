@@ -28,4 +28,4 @@ def test_missing_model_and_bad_weights_fail_clearly(tmp_path):
     assert r.returncode == 2 and "--model is required" in r.stderr
     r = subprocess.run([sys.executable, "-m", "taps_fast.serve", "--model", "test_resnet", "--base-weights",
                         str(tmp_path / "none.safetensors")], capture_output=True, text=True)
-    assert r.returncode == 2 and "none.safetensors" in r.stderr and "do not exist" in r.stderr
+    assert r.returncode == 2 and "none.safetensors" in r.stderr and "does not exist" in r.stderr

@@ -1,5 +1,6 @@
 """taps-fast train / eval end to end on tiny ImageFolder trees: files, resume, joint mode, torchrun."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -137,3 +138,37 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     for k in ta:
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
     assert json.load(open(two / "args.json"))["world_size"] == 2
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_and_channels_last_run(tmp_path, amp):
+    data = tiny_data(tmp_path / "data", "faces", per_class=4)
+    out = tmp_path / amp
+    assert train("--data", data, "--model", TINY_BN, "--epochs", 2, "--amp", amp, "--channels-last",
+                 "--output", out, *COMMON) == 0
+    rows = metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["train_loss"]) for r in rows)
+    meta = json.load(open(out / "last.json"))
+    assert (meta["scaler"] is not None) == (amp == "fp16")  # fp16 trains through a GradScaler
+
+
+def test_cli_lists_train_and_eval(capsys):
+    from taps_fast.cli import main
+
+    assert main([]) == 0
+    text = capsys.readouterr().out
+    assert "train" in text and "eval" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "x", "--joint", "y", "z"])
+    assert "exactly one of --data" in capsys.readouterr().err
+
+
+def test_eval_refuses_other_classes(tmp_path):
+    from taps_fast.train.data import DataError
+
+    data = tiny_data(tmp_path / "data", "faces", per_class=4)
+    other = tiny_data(tmp_path / "data", "textures", per_class=2)
+    out = tmp_path / "run"
+    assert train("--data", data, "--model", TINY_BN, "--epochs", 1, "--output", out, *COMMON) == 0
+    with pytest.raises(DataError, match=r"classes \['brick', 'grass', 'gravel', 'moon'\], the task file"):
+        evaluate_task(TINY_BN, str(out / "task.safetensors"), other, img_size=32)
