@@ -119,9 +119,15 @@ def test_joint_end_to_end_and_served(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(tmp_path):
-    data = tiny_data(tmp_path / "data", "faces", per_class=8)
-    args = ["-m", "taps_fast.train", "--data", str(data), "--model", TINY_GN, "--epochs", "2", "--workers", "0",
+@pytest.mark.parametrize("mode", ["single", "joint"])
+def test_torchrun_two_processes_equal_one(tmp_path, mode):
+    d1 = tiny_data(tmp_path / "data", "faces", per_class=8)
+    if mode == "single":
+        data = ["--data", str(d1)]
+    else:  # the absent tasks' heads get no gradient: DDP with find_unused_parameters
+        data = ["--joint", str(d1), str(tiny_data(tmp_path / "data", "textures", per_class=4)),
+                "--finetune-epochs", "1"]
+    args = ["-m", "taps_fast.train", *data, "--model", TINY_GN, "--epochs", "2", "--workers", "0",
             "--no-progress", "--device", "cpu", *map(str, COMMON)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -131,12 +137,17 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     a, b = metrics(one), metrics(two)
     for ra, rb in zip(a, b):
         for k in ("train_top1", "val_top1", "val_top5", "open_layers"):
-            assert ra[k] == rb[k], (k, ra, rb)
-        for k in ("train_loss", "val_loss", "task_fraction"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+            assert ra.get(k) == rb.get(k), (k, ra, rb)
+        for k in ("train_loss", "val_loss", "task_fraction", "penalty"):
+            if k in ra or k in rb:  # joint runs record no single task fraction
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+        assert ra.get("tasks", {}).keys() == rb.get("tasks", {}).keys()
     ta, tb = model_tensors(one), model_tensors(two)
+    # joint: the per-task chunks sum gradients in another order on two processes, and the scores'
+    # lr of 0.5 carries that rounding on (measured: 1.3e-4 at most, on scores of size 0.2-4)
+    tol = dict(rtol=1e-4, atol=1e-5) if mode == "single" else dict(rtol=1e-3, atol=5e-4)
     for k in ta:
-        torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(ta[k], tb[k], **tol, msg=k)
     assert json.load(open(two / "args.json"))["world_size"] == 2
 
 
