@@ -35,7 +35,7 @@ from .model import create_base, prepare, set_train_mode
 log = logging.getLogger(__name__)
 
 # Arguments that do not change what a run computes: a resumed run may differ in them.
-NOT_IDENTITY = {"resume", "output", "workers", "stop_after", "progress", "log_level", "compile"}
+NOT_IDENTITY = {"resume", "output", "workers", "stop_after", "progress", "log_level", "compile", "device"}
 
 
 # -- distributed --------------------------------------------------------------------------------
@@ -432,6 +432,9 @@ def run(args) -> Dict[str, Any]:
                                world_size=r.world), f, indent=1)
     total = a.epochs + a.finetune_epochs
     metrics: Dict[str, Any] = {}
+    if start >= total:  # resumed after the last epoch: the run's files are already written
+        log.info("%s: the run is complete (%d epochs); nothing to do", r.out, total)
+        return meta.get("metrics", {}) if meta else {}
     ran = 0
     for epoch in range(start, total):
         if a.stop_after is not None and ran >= a.stop_after:

@@ -67,6 +67,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
     assert load_file(whole / "task.safetensors").keys() == load_file(parts / "task.safetensors").keys()
+    summary = (parts / "summary.json").read_bytes()
+    assert train(*args, "--resume", parts) == 0  # a finished run: nothing trained, nothing rewritten
+    assert len(metrics(parts)) == 3 and (parts / "summary.json").read_bytes() == summary
 
 
 def test_resume_refuses_another_run(tmp_path, capsys):
