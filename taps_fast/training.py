@@ -35,12 +35,21 @@ def sparsity_penalty(model: nn.Module, lam: float, normalize: str = "layers") ->
     if not isinstance(lam, (int, float)) or not lam >= 0:
         raise ValueError(f"sparsity_penalty: lam must be a number >= 0, got {lam!r}")
     layers = _layers_or_raise(model, "sparsity_penalty")
-    scores = torch.stack([m.score.float().abs() for _, m in layers])
+    return penalty_of_scores(torch.stack([m.score for _, m in layers]), [m.weight.numel() for _, m in layers],
+                             lam, normalize)
+
+
+def penalty_of_scores(scores: Tensor, sizes, lam: float, normalize: str = "layers") -> Tensor:
+    """``sparsity_penalty``'s formula on stacked scores [L, ...] (one row per gated layer, e.g.
+    [L, T] for T tasks of a MultiTaskModel) and the layers' weight sizes [L]: the penalty per
+    trailing index (a scalar for [L])."""
+    scores = scores.float().abs()
     if normalize == "layers":
-        return lam * scores.mean()
+        return lam * scores.mean(0)
     if normalize == "params":
-        n = torch.tensor([float(m.weight.numel()) for _, m in layers], device=scores.device)
-        return lam * (scores * (n / n.sum())).sum()
+        n = torch.tensor([float(k) for k in sizes], device=scores.device)
+        w = (n / n.sum()).reshape((-1,) + (1,) * (scores.dim() - 1))
+        return lam * (scores * w).sum(0)
     raise ValueError(f"sparsity_penalty: normalize must be 'layers' or 'params', got {normalize!r}")
 
 

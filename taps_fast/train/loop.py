@@ -14,7 +14,6 @@ row through its own task. Its penalty is the mean over tasks of each task's λ·
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..training import freeze_gates, sparsity_penalty, summary
+from ..training import freeze_gates, penalty_of_scores, sparsity_penalty, summary
 from . import data as D
 from . import state as S
 from .model import create_base, prepare, set_train_mode
@@ -61,13 +60,12 @@ def init_distributed(device_arg: str):
     return 0, 1, torch.device(device_arg)
 
 
-def _all_sum(values: List[float], world: int, device) -> List[float]:
-    if world == 1:
-        return values
-    import torch.distributed as dist
+def _all_sum(t: torch.Tensor, world: int) -> list:
+    """``t`` summed over the processes, as floats (the one host sync)."""
+    if world > 1:
+        import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -119,7 +117,6 @@ class Run:
         self.model.to(self.device)
         if a.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.ref = self._task_model(len(self.splits[0][0].classes)) if not self.joint else None
 
     def _params(self):
         scores, decay, no_decay = [], [], []
@@ -188,13 +185,9 @@ class Run:
             return sparsity_penalty(self.model, a.lam, a.penalty_norm)
         layers = list(self.model._layers().values())
         rows = torch.tensor(self.model._row_of, device=self.device)
-        s = torch.stack([m.scores[rows].float().abs() for m in layers])  # [L, T]
-        if a.penalty_norm == "params":
-            n = torch.tensor([float(m.weight.numel()) for m in layers], device=self.device)
-            per_task = (s * (n / n.sum())[:, None]).sum(0)
-        else:
-            per_task = s.mean(0)
-        return a.lam * per_task.mean()
+        per_task = penalty_of_scores(torch.stack([m.scores[rows] for m in layers]),  # [L, T]
+                                     [m.weight.numel() for m in layers], a.lam, a.penalty_norm)
+        return per_task.mean()
 
     def _logits(self, x, t):
         ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
@@ -216,7 +209,8 @@ class Run:
         self.sampler.epoch = epoch
         set_train_mode(self.model, a.method, True)
         penalise = phase == "taps" and a.method == "taps" and epoch >= a.penalty_warmup and a.lam > 0
-        sums = [0.0, 0.0, 0.0, 0.0]  # loss·n, correct, n, penalty·steps
+        # loss·n, correct, n, penalty·steps, kept on the device: one host sync per epoch, not per step
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         micro = 0
         batches = self._progress(self.train_loader, f"epoch {epoch + 1} {phase}")
         per_rank = a.batch_size // self.world
@@ -240,11 +234,11 @@ class Run:
                 loss = loss / a.accum
                 (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
             with torch.no_grad():
-                sums[0] += float(ce) * len(y)
-                sums[1] += float((logits.argmax(1) == y).sum())
+                sums[0] += ce.detach() * len(y)
+                sums[1] += (logits.argmax(1) == y).sum()
                 sums[2] += len(y)
                 if pen is not None and last_micro:
-                    sums[3] += float(pen)
+                    sums[3] += pen.detach()
             micro += 1
             if last_micro:
                 self._optimizer_step()
@@ -253,7 +247,7 @@ class Run:
         if micro:  # an epoch whose batches are not a multiple of accum: step on what is there
             self._optimizer_step()
             self.step += 1
-        loss_n, correct, n, pen_sum = _all_sum(sums, self.world, self.device)
+        loss_n, correct, n, pen_sum = _all_sum(sums, self.world)
         steps = max(1, math.ceil(len(self.sampler) / a.accum))
         return {"train_loss": loss_n / max(1, n), "train_top1": correct / max(1, n),
                 "penalty": pen_sum / self.world / steps, "lr": self.base_lrs[0][0] * lr_factor}
@@ -345,7 +339,7 @@ def evaluate(model, loader, device, joint: bool, n_tasks: int, world: int = 1, a
     """Top-1 / top-5 accuracy and mean cross-entropy per task (and their task mean)."""
     was = model.training
     model.eval()
-    sums = [0.0] * (4 * n_tasks)  # per task: loss·n, top1, top5, n
+    sums = torch.zeros(4, n_tasks, dtype=torch.float64, device=device)  # per task: loss·n, top1, top5, n
     it = progress(loader, "eval") if progress else loader
     for x, y, t in it:
         x, y, t = x.to(device), y.to(device), t.to(device)
@@ -354,25 +348,18 @@ def evaluate(model, loader, device, joint: bool, n_tasks: int, world: int = 1, a
         ctx = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
         with ctx:
             logits = (model(x, t) if joint else model(x)).float()
-        loss = F.cross_entropy(logits, y, reduction="none")
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit1 = top[:, 0] == y
-        hit5 = (top == y[:, None]).any(1)
-        for ti in t.unique().tolist():
-            sel = t == ti
-            sums[4 * ti] += float(loss[sel].sum())
-            sums[4 * ti + 1] += float(hit1[sel].sum())
-            sums[4 * ti + 2] += float(hit5[sel].sum())
-            sums[4 * ti + 3] += float(sel.sum())
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        per_sample = torch.stack([v.double() for v in (F.cross_entropy(logits, y, reduction="none"), top[:, 0] == y,
+                                                       (top == y[:, None]).any(1), torch.ones_like(y))])
+        sums.index_add_(1, t, per_sample)  # into each sample's task column, no host sync
     model.train(was)
-    sums = _all_sum(sums, world, device)
+    loss_n, top1, top5, count = _all_sum(sums, world)  # each [n_tasks]
     names = names or [str(i) for i in range(n_tasks)]
     per = {}
     for i, n in enumerate(names):
-        cnt = max(1.0, sums[4 * i + 3])
-        per[n] = {"val_loss": sums[4 * i] / cnt, "val_top1": sums[4 * i + 1] / cnt,
-                  "val_top5": sums[4 * i + 2] / cnt, "val_images": int(sums[4 * i + 3])}
+        cnt = max(1.0, count[i])
+        per[n] = {"val_loss": loss_n[i] / cnt, "val_top1": top1[i] / cnt, "val_top5": top5[i] / cnt,
+                  "val_images": int(count[i])}
     res: Dict[str, Any] = {k: sum(p[k] for p in per.values()) / len(per) for k in ("val_loss", "val_top1", "val_top5")}
     if len(per) > 1:
         res["tasks"] = per
@@ -384,7 +371,7 @@ def run(args) -> Dict[str, Any]:
     r = Run(args)
     a = r.a
     os.makedirs(r.out, exist_ok=True)
-    resolved = {k: v for k, v in vars(a).items()}
+    resolved = dict(vars(a))
     meta = None
     if a.resume:
         meta, tensors = _check_resume(a, resolved)
@@ -406,13 +393,14 @@ def run(args) -> Dict[str, Any]:
     start = 0
     if meta is not None:
         start = meta["epoch"]
-        _, unexpected = r.model.load_state_dict(S.model_state(tensors), strict=False)
+        saved = S.model_state(tensors)
+        _, unexpected = r.model.load_state_dict(saved, strict=False)
         if meta["phase"] == "finetune":
             r.enter_finetune()  # the loaded scores decide which deltas freeze_gates drops
         else:
             r.make_optimizers()
             r.wrap()
-        still = [k for k in r.model.state_dict() if k not in S.model_state(tensors)]
+        still = [k for k in r.model.state_dict() if k not in saved]
         if still or unexpected:
             raise S.ResumeError(f"the checkpoint in {r.out!r} does not fit this model: missing {still[:3]}, "
                                 f"unexpected {list(unexpected)[:3]}")
@@ -486,7 +474,7 @@ def _finish(r: Run, metrics: Dict[str, Any]) -> None:
 
         sums = {}
         for i, (name, path) in enumerate(files.items()):
-            m = copy.deepcopy(r.ref) if (r.ref is not None and i == 0) else r._task_model(len(r.splits[i][0].classes))
+            m = r._task_model(len(r.splits[i][0].classes))
             load_task(m, path)  # the written file, read back: the summary is of what ships
             sums[name] = summary(m)
         out["tasks"] = {n: s.to_dict() for n, s in sums.items()}

@@ -73,3 +73,18 @@ def test_helpers_refuse_unconverted_model():
     for f in (lambda m: sparsity_penalty(m, 1.0), freeze_gates, summary):
         with pytest.raises(ValueError, match="no TAPS layers"):
             f(nn.Linear(2, 2))
+
+
+def test_penalty_of_scores_per_task_column():
+    """The joint form ([L, T] scores) gives each column the single-task penalty."""
+    from taps_fast.training import penalty_of_scores
+
+    s = torch.tensor([[0.2, -0.5], [0.1, 0.3], [-0.4, 0.0]])
+    sizes = [10, 30, 60]
+    for norm in ("layers", "params"):
+        per = penalty_of_scores(s, sizes, 0.7, norm)
+        assert per.shape == (2,)
+        for t in range(2):
+            torch.testing.assert_close(per[t], penalty_of_scores(s[:, t], sizes, 0.7, norm))
+    torch.testing.assert_close(penalty_of_scores(s, sizes, 1.0, "params")[0],
+                               torch.tensor(0.2 * 0.1 + 0.1 * 0.3 + 0.4 * 0.6))
